@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from droptune.exceptions import ConfigError
 from droptune.layers._attention import SelfAttention
@@ -40,6 +41,7 @@ from droptune.layers._recurrent import VariationalGRU
 from droptune.layers._recurrent import VariationalLSTM
 from droptune.layers._structured import DropoutEmbedding
 from droptune.layers._structured import DropPath
+from droptune.layers._weight import DropConnect
 from droptune.layers._weight import add_weight_dropout
 
 
@@ -181,9 +183,13 @@ def _walk_sites(
 
 
 def _owned_by_droptune(path: str, modules: dict[str, nn.Module]) -> bool:
-    """Dropout modules inside droptune parents are set through their parent's own site."""
+    """Dropout modules inside droptune parents are set through their parent's own site.
+
+    That covers an embedding's row dropout and the DropConnect parametrizations of weights
+    (``<module>.parametrizations.<weight>.<i>``), whose rates are the weight rates.
+    """
     parent = modules.get(path.rpartition(".")[0])
-    return isinstance(parent, DropoutEmbedding)
+    return isinstance(parent, DropoutEmbedding | parametrize.ParametrizationList)
 
 
 def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -280,8 +286,10 @@ def _apply_recurrent(model: nn.Module, modules: dict[str, nn.Module], drop: Any)
                 input_dropout=hidden if module.dropout > 0 else 0.0,
                 recurrent_dropout=recurrent,
             )
-            rnn.load_state_dict(module.state_dict())
-            rnn.to(next(module.parameters()).device).train(module.training)
+            first = next(module.parameters())
+            rnn.to(device=first.device, dtype=first.dtype)
+            _copy_rnn(module, rnn, path)
+            rnn.train(module.training)
             _set_module(model, path, rnn)
         elif module.dropout > 0:
             module.dropout = hidden
@@ -289,6 +297,27 @@ def _apply_recurrent(model: nn.Module, modules: dict[str, nn.Module], drop: Any)
             continue
         changes.append(Change(path, "sequence", before, repr(rnn)))
     return changes
+
+
+def _copy_rnn(old: nn.Module, new: nn.Module, path: str) -> None:
+    """Copy ``old``'s raw parameters into ``new`` (DropConnect is re-added by the weight pass)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, value in old.state_dict().items():
+        if name.startswith("parametrizations."):
+            weight, _, leaf = name.removeprefix("parametrizations.").partition(".")
+            plist: Any = old.parametrizations[weight]  # type: ignore[index]
+            if leaf != "original" or not all(isinstance(p, DropConnect) for p in plist):
+                raise ConfigError(
+                    f"{path}: recurrent_rate cannot replace an RNN whose {weight} carries a "
+                    "parametrization other than droptune's DropConnect"
+                )
+            name = weight
+        state[name] = value
+    new.load_state_dict(state)
+
+
+def _has_dropconnect(module: nn.Module) -> bool:
+    return any(isinstance(m, DropConnect) for m in module.modules())
 
 
 def _apply_weights(model: nn.Module, modules: dict[str, nn.Module], drop: Any) -> list[Change]:
@@ -305,7 +334,9 @@ def _apply_weights(model: nn.Module, modules: dict[str, nn.Module], drop: Any) -
     }
     current = dict(model.named_modules())  # after RNN swaps
     for path, module in current.items():
-        if isinstance(module, nn.RNNBase) and recurrent_weight > 0:
+        # A weight that already carries DropConnect gets the new rate even when it is 0, so a
+        # second apply (or kind none) leaves no stale mask behind.
+        if isinstance(module, nn.RNNBase) and (recurrent_weight > 0 or _has_dropconnect(module)):
             add_weight_dropout(module, recurrent_weight)
             changes.append(
                 Change(
@@ -315,7 +346,11 @@ def _apply_weights(model: nn.Module, modules: dict[str, nn.Module], drop: Any) -
                     f"DropConnect(p={recurrent_weight}) on weight_hh",
                 )
             )
-        elif isinstance(module, nn.Linear) and weight > 0 and path not in inside_attention:
+        elif (
+            isinstance(module, nn.Linear)
+            and (weight > 0 or _has_dropconnect(module))
+            and path not in inside_attention
+        ):
             add_weight_dropout(module, weight)
             changes.append(Change(path, "weight", "weight", f"DropConnect(p={weight}) on weight"))
         elif isinstance(module, DropoutEmbedding):
