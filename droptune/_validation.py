@@ -69,14 +69,34 @@ def _message(error: Any, model: type[BaseModel]) -> str:
     return msg.strip()
 
 
+def _join(parts: list[str | int]) -> str:
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else part
+    return text
+
+
 def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
-    """One line per error: ``path: rule, got value``."""
+    """One line per error: ``path: rule, got value``.
+
+    A validator may point at a field below the model it validates by starting its message with
+    ``@<relative.path>: ``; the path is then extended and the offending value taken from there.
+    """
     lines = []
     for error in exc.errors():
-        loc = [str(p) for p in error["loc"]]
-        path = ".".join([prefix, *loc] if prefix else loc) or prefix or "<root>"
-        text = f"{path}: {_message(error, model)}"
-        if error["type"] not in ("extra_forbidden", "missing"):
+        loc: list[str | int] = [prefix] if prefix else []
+        loc += list(error["loc"])
+        message = _message(error, model)
+        show_input = error["type"] not in ("extra_forbidden", "missing")
+        if message.startswith("@") and ": " in message:
+            extra, _, message = message[1:].partition(": ")
+            loc += extra.split(".")
+            show_input = False
+        text = f"{_join(loc) or '<root>'}: {message}"
+        if show_input:
             text += f", got {error['input']!r}"
         lines.append(text)
     return "\n".join(lines)

@@ -15,24 +15,34 @@ Every field is validated where it is parsed; errors name the dotted path
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
 from typing import Any
 from typing import Literal
 
 from pydantic import Field
 from pydantic import field_validator
+from pydantic import model_validator
+import yaml
 
 from droptune._validation import StrictModel
 from droptune._validation import validate_model
+from droptune.exceptions import ConfigError
 from droptune.layers._factory import DROPOUT_KINDS
 from droptune.layers._factory import ELEMENTWISE_KINDS
 
 
 __all__ = [
     "SITES",
+    "DataConfig",
     "DropoutConfig",
     "EarlyStoppingConfig",
     "L2Config",
+    "ModelConfig",
     "RegularizationConfig",
+    "TrainConfig",
+    "TrainSettings",
+    "load_config",
 ]
 
 #: Places in a network where dropout can sit; :meth:`DropoutConfig.for_site` maps each to a
@@ -100,7 +110,7 @@ class DropoutConfig(StrictModel):
             ('standard', 0.5, {})
         """
         if site not in SITES:
-            raise ValueError(f"unknown site {site!r}; sites: {', '.join(SITES)}")
+            raise ConfigError(f"unknown site {site!r}; sites: {', '.join(SITES)}")
         if self.kind == "none":
             return "none", 0.0, {}
         fixed = {
@@ -172,3 +182,277 @@ class RegularizationConfig(StrictModel):
     def to_dict(self) -> dict[str, Any]:
         """A plain dict that :meth:`from_dict` turns back into an equal object."""
         return self.model_dump(mode="python")
+
+
+# --------------------------------------------------------------------------------------------
+# Training configuration: data + model + training settings + regularization.
+
+_DATA_ONLY: dict[str, tuple[str, ...]] = {
+    "synthetic": ("n_samples", "n_features", "n_classes", "label_noise", "teacher_hidden"),
+    "csv": ("path", "target", "task"),
+    "datamodule": ("datamodule", "kwargs"),
+}
+
+_MODEL_ONLY: dict[str, tuple[str, ...]] = {
+    "mlp": ("hidden", "activation", "norm"),
+    "cnn": ("channels", "kernel_size", "hidden", "activation", "norm"),
+    "rnn": ("cell", "hidden_size", "num_layers", "bidirectional", "vocab_size", "embedding_dim"),
+    "transformer": ("d_model", "heads", "depth", "ffn_mult", "vocab_size"),
+    "custom": ("target", "kwargs", "loss"),
+}
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+def _only_for(
+    selector: str, value: str, owners: dict[str, tuple[str, ...]], model: StrictModel
+) -> None:
+    """Reject fields set to a non-default value that belong to another dataset / family."""
+    for name in {n for names in owners.values() for n in names}:
+        allowed = [owner for owner, names in owners.items() if name in names]
+        if value in allowed or name not in model.model_fields_set:
+            continue
+        if getattr(model, name) != type(model).model_fields[name].get_default(
+            call_default_factory=True
+        ):
+            raise ValueError(
+                f"@{name}: only used when {selector} is {' or '.join(allowed)}, not {value!r}"
+            )
+
+
+def _relevant(
+    model: StrictModel, selector: str, owners: dict[str, tuple[str, ...]]
+) -> dict[str, Any]:
+    """The model's fields without those that belong to other datasets / families."""
+    value = getattr(model, selector)
+    foreign = {n for names in owners.values() for n in names} - set(owners.get(value, ()))
+    return {k: v for k, v in model.model_dump(mode="json").items() if k not in foreign}
+
+
+class DataConfig(StrictModel):
+    """Which data to train on and how to split and shape it.
+
+    Built-in datasets: ``digits`` (scikit-learn's 8x8 digits), ``mnist1d`` (generated offline),
+    ``synthetic`` (a teacher network with label noise), ``csv`` (a user's file) and
+    ``datamodule`` (a user ``LightningDataModule`` given as ``package.module:Class``).
+    ``layout`` shapes the inputs: ``vector`` (N, F), ``image``/``signal`` (N, 1, ...),
+    ``sequence`` (N, T, F); ``auto`` picks the one the model family needs.
+    """
+
+    name: Literal["digits", "mnist1d", "synthetic", "csv", "datamodule"] = "digits"
+    layout: Literal["auto", "vector", "image", "signal", "sequence"] = "auto"
+    batch_size: PositiveInt = 64
+    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    train_subset: PositiveInt | None = None
+    seed: int = 0
+    on_device: bool = True
+    # synthetic
+    n_samples: PositiveInt = 2000
+    n_features: PositiveInt = 20
+    n_classes: int = Field(default=4, ge=2)
+    label_noise: float = Field(default=0.1, ge=0.0, lt=1.0)
+    teacher_hidden: PositiveInt = 32
+    # csv
+    path: str | None = None
+    target: str | None = None
+    task: Literal["classification", "regression"] = "classification"
+    # datamodule
+    datamodule: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        _only_for("data.name", self.name, _DATA_ONLY, self)
+        if self.name == "csv" and (self.path is None or self.target is None):
+            raise ValueError(
+                "@path: data.name csv needs data.path (a file) and data.target (a column)"
+            )
+        if self.name == "datamodule" and not _is_import_path(self.datamodule):
+            raise ValueError(
+                "@datamodule: must be an import path 'package.module:Class' when data.name is "
+                f"datamodule, got {self.datamodule!r}"
+            )
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"@val_fraction: val_fraction + test_fraction must be < 1, got "
+                f"{self.val_fraction} + {self.test_fraction}"
+            )
+        return self
+
+
+class ModelConfig(StrictModel):
+    """The model family and its architecture.
+
+    Families: ``mlp``, ``cnn`` (1-D or 2-D by the data), ``rnn`` (LSTM/GRU), ``transformer``
+    and ``custom`` (the user's ``LightningModule`` or ``nn.Module`` as ``package.module:Class``).
+    """
+
+    family: Literal["mlp", "cnn", "rnn", "transformer", "custom"] = "mlp"
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [256, 256])
+    activation: Literal["relu", "gelu", "tanh", "selu", "elu"] = "relu"
+    norm: Literal["none", "batch", "layer"] = "none"
+    channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])
+    kernel_size: PositiveInt = 3
+    cell: Literal["lstm", "gru"] = "gru"
+    hidden_size: PositiveInt = 64
+    num_layers: PositiveInt = 1
+    bidirectional: bool = False
+    vocab_size: PositiveInt | None = None
+    embedding_dim: PositiveInt = 32
+    d_model: PositiveInt = 64
+    heads: PositiveInt = 4
+    depth: PositiveInt = 2
+    ffn_mult: PositiveInt = 2
+    target: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    loss: Literal["auto", "cross_entropy", "mse"] = "auto"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        _only_for("model.family", self.family, _MODEL_ONLY, self)
+        if self.family == "custom" and not _is_import_path(self.target):
+            raise ValueError(
+                "@target: must be an import path 'package.module:Class' when model.family is "
+                f"custom, got {self.target!r}"
+            )
+        if self.family == "transformer" and self.d_model % self.heads:
+            raise ValueError(
+                f"@d_model: must be divisible by model.heads ({self.heads}), got {self.d_model}"
+            )
+        return self
+
+
+class TrainSettings(StrictModel):
+    """Optimizer and Trainer settings."""
+
+    max_epochs: PositiveInt = 20
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    seed: int = 0
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    devices: int | str | list[int] = 1
+    precision: Literal["32-true", "16-mixed", "bf16-mixed", "64-true"] = "32-true"
+    gradient_clip: float | None = Field(default=None, gt=0.0)
+    deterministic: bool = False
+    num_threads: PositiveInt | None = None
+
+
+class TrainConfig(StrictModel):
+    """Everything needed to train one model: what a trial, an exported best config and a user's
+    own code all build from.
+
+    Example:
+        >>> cfg = TrainConfig.from_dict({"data": {"name": "digits"}, "model": {"hidden": [64]}})
+        >>> cfg.model.family, cfg.regularization.dropout.kind
+        ('mlp', 'standard')
+    """
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
+
+    @classmethod
+    def from_dict(cls, data: Any, prefix: str = "") -> TrainConfig:
+        """Validate a mapping; errors name the dotted path of the bad field."""
+        return validate_model(cls, {} if data is None else data, prefix)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> TrainConfig:
+        """Parse YAML text (safe loader only) into a validated config."""
+        return cls.from_dict(load_yaml_mapping(text, what="config"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict that :meth:`from_dict` turns back into an equal object.
+
+        Fields that belong to other datasets or model families are left out.
+        """
+        return {
+            "data": _relevant(self.data, "name", _DATA_ONLY),
+            "model": _relevant(self.model, "family", _MODEL_ONLY),
+            "train": self.train.model_dump(mode="json"),
+            "regularization": self.regularization.model_dump(mode="json"),
+        }
+
+    def to_yaml(self) -> str:
+        """The full config as YAML (every field, defaults included)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_overrides(self, flat: dict[str, Any]) -> TrainConfig:
+        """A new config with dotted-path values laid over this one (trial params, CLI flags)."""
+        merged = self.to_dict()
+        for path, value in flat.items():
+            set_path(merged, path, value)
+        return TrainConfig.from_dict(merged)
+
+    def build_datamodule(self) -> Any:
+        """The LightningDataModule for :attr:`data` (see :mod:`droptune.data`)."""
+        from droptune.data import build_datamodule
+
+        return build_datamodule(self)
+
+    def build_module(self, datamodule: Any = None) -> Any:
+        """The LightningModule for :attr:`model` with :attr:`regularization` applied."""
+        from droptune.models import build_module
+
+        return build_module(
+            self, datamodule if datamodule is not None else self.build_datamodule()
+        )
+
+    def build_trainer(self, **overrides: Any) -> Any:
+        """A ``pytorch_lightning.Trainer`` with early stopping, max-norm and L2 callbacks."""
+        from droptune.training import build_trainer
+
+        return build_trainer(self, **overrides)
+
+
+def _is_import_path(value: str | None) -> bool:
+    if not value or value.count(":") != 1:
+        return False
+    module, _, attr = value.partition(":")
+    return all(part.isidentifier() for part in [*module.split("."), *attr.split(".")])
+
+
+def set_path(tree: dict[str, Any], path: str, value: Any) -> None:
+    """Set ``tree["a"]["b"]["c"] = value`` for ``path = "a.b.c"``, creating mappings."""
+    *parents, leaf = path.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{path}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def load_yaml_mapping(text: str, what: str = "document") -> dict[str, Any]:
+    """``yaml.safe_load`` that insists on a mapping at the top and reports syntax errors."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"invalid YAML in {what}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(source: str | Path | dict[str, Any]) -> TrainConfig:
+    """Load a :class:`TrainConfig` from a YAML file path, YAML text or a dict.
+
+    Example:
+        >>> load_config({"model": {"family": "mlp", "hidden": [32]}}).model.hidden
+        [32]
+    """
+    if isinstance(source, dict):
+        return TrainConfig.from_dict(source)
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    return TrainConfig.from_yaml(path.read_text())

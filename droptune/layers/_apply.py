@@ -53,6 +53,8 @@ __all__ = ["ApplyReport", "Change", "apply"]
 _TORCH_DROPOUT = (nn.modules.dropout._DropoutNd,)
 _CHANNEL_TORCH = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.FeatureAlphaDropout)
 _RNN = (nn.LSTM, nn.GRU)
+# Attribute set on an RNN whose between-layer dropout is a site (its original dropout was > 0).
+_LAYER_SITE = "_droptune_layer_dropout"
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ def _weight_family(module: nn.Module) -> str | None:
         return "rnn"
     if isinstance(module, nn.Embedding):
         return "embedding"
-    if isinstance(module, nn.Linear):
+    # MultiheadAttention uses its out_proj weight functionally (out_proj's forward never runs).
+    if isinstance(module, nn.Linear | nn.MultiheadAttention):
         return "dense"
     if isinstance(module, nn.Flatten):
         return "flatten"
@@ -235,6 +238,12 @@ def apply(
             raise ConfigError(f"sites[{path!r}]: must be one of {', '.join(SITES)}, got {site!r}")
     changes: list[Change] = []
     inferred = _infer_sites(model, example_input)
+    unknown = [path for path in sites or {} if path not in inferred]
+    if unknown:
+        raise ConfigError(
+            f"sites[{unknown[0]!r}]: not a dropout module of the model; dropout modules: "
+            f"{', '.join(inferred) or 'none'}"
+        )
     modules = dict(model.named_modules())
     for path, (site, batch_first) in inferred.items():
         site = (sites or {}).get(path, site)
@@ -269,9 +278,17 @@ def _apply_recurrent(model: nn.Module, modules: dict[str, nn.Module], drop: Any)
             continue
         before = repr(module)
         rnn: nn.Module = module
+        # Remember that the RNN has a between-layer dropout site, so that an apply with
+        # hidden_rate 0 (or kind none) does not erase the site for the next apply.
+        has_site = getattr(module, _LAYER_SITE, False) or (
+            module.input_dropout > 0
+            if isinstance(module, VariationalLSTM | VariationalGRU)
+            else module.dropout > 0
+        )
+        setattr(module, _LAYER_SITE, has_site)
         if isinstance(module, VariationalLSTM | VariationalGRU):
             module.recurrent_dropout = recurrent
-            module.input_dropout = hidden if module.input_dropout > 0 else 0.0
+            module.input_dropout = hidden if has_site else 0.0
         elif recurrent > 0:
             cls = VariationalLSTM if isinstance(module, nn.LSTM) else VariationalGRU
             if isinstance(module, nn.LSTM) and module.proj_size:
@@ -283,15 +300,16 @@ def _apply_recurrent(model: nn.Module, modules: dict[str, nn.Module], drop: Any)
                 bias=module.bias,
                 batch_first=module.batch_first,
                 bidirectional=module.bidirectional,
-                input_dropout=hidden if module.dropout > 0 else 0.0,
+                input_dropout=hidden if has_site else 0.0,
                 recurrent_dropout=recurrent,
             )
+            setattr(rnn, _LAYER_SITE, has_site)
             first = next(module.parameters())
             rnn.to(device=first.device, dtype=first.dtype)
             _copy_rnn(module, rnn, path)
             rnn.train(module.training)
             _set_module(model, path, rnn)
-        elif module.dropout > 0:
+        elif has_site:
             module.dropout = hidden
         else:
             continue
@@ -354,9 +372,9 @@ def _apply_weights(model: nn.Module, modules: dict[str, nn.Module], drop: Any) -
             add_weight_dropout(module, weight)
             changes.append(Change(path, "weight", "weight", f"DropConnect(p={weight}) on weight"))
         elif isinstance(module, DropoutEmbedding):
-            before = repr(module.row_dropout)
+            before = repr(module)
             module.row_dropout.set_rate(embedding)
-            changes.append(Change(path, "embedding", before, repr(module.row_dropout)))
+            changes.append(Change(path, "embedding", before, repr(module)))
         elif isinstance(module, nn.Embedding) and embedding > 0:
             new = DropoutEmbedding.from_embedding(module, embedding)
             _set_module(model, path, new)

@@ -235,6 +235,8 @@ class VariationalGRU(_VariationalMixin, nn.GRU):
         recurrent_dropout: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("proj_size", 0):
+            raise ConfigError("VariationalGRU: proj_size is not supported")
         if kwargs.get("dropout", 0):
             raise ConfigError(
                 "VariationalGRU: use input_dropout (a per-sequence mask on every layer's input) "

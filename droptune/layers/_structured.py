@@ -94,8 +94,11 @@ class LockedDropout(DropoutBase):
     def forward(self, x: Tensor) -> Tensor:
         if self.skip:
             return x
-        time_axis = (1 if self.batch_first else 0) + (self.population is not None)
-        if x.dim() < time_axis + 2:
+        lead = int(self.population is not None)
+        time_axis = (1 if self.batch_first else 0) + lead
+        # Both layouts need the three axes (N, T, H): a 2-D (T, N) input must not slip through
+        # with batch_first=False while (N, T) is rejected with batch_first=True.
+        if x.dim() < 3 + lead:
             layout = "(N, T, H)" if self.batch_first else "(T, N, H)"
             raise InputShapeError(
                 f"variational dropout expects a sequence of shape {layout}"

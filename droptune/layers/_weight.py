@@ -44,6 +44,10 @@ class DropConnect(DropoutBase):
     def __init__(self, p: Rate = 0.5, rows: bool = False) -> None:
         super().__init__(p)
         self.rows = rows
+        # The owner's parameter names in their original order, recorded by
+        # add_weight_dropout so that remove_weight_dropout can restore the plain module's
+        # state_dict order (parametrize re-registers a removed weight at the end).
+        self._param_order: list[str] = []
 
     def forward(self, weight: Tensor) -> Tensor:
         if self.skip:
@@ -92,7 +96,9 @@ def add_weight_dropout(
             existing.set_rate(p)
             existing.rows = rows
             continue
-        parametrize.register_parametrization(module, name, DropConnect(p, rows=rows))
+        drop = DropConnect(p, rows=rows)
+        drop._param_order = list(module._parameters)
+        parametrize.register_parametrization(module, name, drop)
     return module
 
 
@@ -116,8 +122,24 @@ def remove_weight_dropout(model: nn.Module) -> int:
     for module in list(model.modules()):
         if not parametrize.is_parametrized(module):
             continue
+        order: list[str] = []
         for name in list(module.parametrizations.keys()):  # type: ignore[union-attr, operator]
-            if _find(module, name) is not None:
+            found = _find(module, name)
+            if found is not None:
+                # The first weight registered saw the most names; keep the longest record.
+                if len(found._param_order) > len(order):
+                    order = found._param_order
                 parametrize.remove_parametrizations(module, name, leave_parametrized=False)
                 removed += 1
+        if order:
+            _reorder_parameters(module, order)
     return removed
+
+
+def _reorder_parameters(module: nn.Module, order: list[str]) -> None:
+    """Put ``module``'s parameters back in ``order`` (names not in it keep their place after)."""
+    params = module._parameters
+    ordered = {name: params[name] for name in order if name in params}
+    ordered.update((name, value) for name, value in params.items() if name not in ordered)
+    params.clear()
+    params.update(ordered)

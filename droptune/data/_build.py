@@ -1,0 +1,164 @@
+"""``build_datamodule(config)``: a TrainConfig's data section → a LightningDataModule."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from droptune.data._builtin import load_csv
+from droptune.data._builtin import load_digits
+from droptune.data._builtin import load_mnist1d
+from droptune.data._builtin import make_synthetic
+from droptune.data._loader import DataInfo
+from droptune.data._loader import TensorDataModule
+from droptune.exceptions import ConfigError
+
+
+if TYPE_CHECKING:
+    from droptune.config import DataConfig
+    from droptune.config import TrainConfig
+
+__all__ = ["build_datamodule", "describe", "import_object", "resolve_layout"]
+
+_AUTO_LAYOUT = {"mlp": "vector", "rnn": "sequence", "transformer": "sequence", "custom": "vector"}
+
+
+def import_object(path: str, field: str) -> Any:
+    """Import ``package.module:Attr``; a failure is a ConfigError naming ``field``."""
+    module_name, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{field}: cannot import {path!r}: {exc}") from None
+    return obj
+
+
+def resolve_layout(data: DataConfig, family: str) -> str:
+    """The input layout: the configured one, or the one the model family needs."""
+    if data.layout != "auto":
+        return data.layout
+    if family == "cnn":
+        return "image" if data.name == "digits" else "signal"
+    return _AUTO_LAYOUT[family]
+
+
+def _shape(x: np.ndarray, layout: str, name: str) -> np.ndarray:
+    """Reshape flat (N, F) features to the layout."""
+    if layout == "vector":
+        return x
+    if layout == "signal":
+        return x[:, None, :]
+    if layout == "sequence":
+        if name == "digits":  # 8 rows of 8 pixels: a sequence of 8 steps
+            return x.reshape(len(x), 8, 8)
+        return x[:, :, None]
+    if name == "digits":
+        return x.reshape(len(x), 1, 8, 8)
+    raise ConfigError(
+        f"data.layout: image is only available for digits, not {name!r}; "
+        "allowed here: auto, vector, signal, sequence"
+    )
+
+
+def _split(n: int, fractions: tuple[float, float], seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Shuffled (train, val, test) index tensors for n samples."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val, n_test = round(n * fractions[0]), round(n * fractions[1])
+    return order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
+
+
+def build_datamodule(config: TrainConfig) -> pl.LightningDataModule:
+    """Build the data of ``config``: a :class:`TensorDataModule` for built-in data, the user's
+    own ``LightningDataModule`` for ``data.name: datamodule``."""
+    data = config.data
+    if data.name == "datamodule":
+        assert data.datamodule is not None
+        cls = import_object(data.datamodule, "data.datamodule")
+        try:
+            module = cls(**data.kwargs)
+        except Exception as exc:
+            raise ConfigError(f"data.kwargs: {data.datamodule}(**kwargs) failed: {exc}") from exc
+        if not isinstance(module, pl.LightningDataModule):
+            raise ConfigError(
+                f"data.datamodule: {data.datamodule!r} is not a "
+                "pytorch_lightning.LightningDataModule"
+            )
+        return module
+    layout = resolve_layout(data, config.model.family)
+    num_classes: int | None = 10
+    task = "classification"
+    test: tuple[np.ndarray, np.ndarray] | None = None
+    if data.name == "digits":
+        x, y = load_digits()
+    elif data.name == "mnist1d":
+        (x, y), test = load_mnist1d()
+        mean, std = x.mean(), x.std()
+        x, test = (x - mean) / std, ((test[0] - mean) / std, test[1])
+    elif data.name == "synthetic":
+        x, y = make_synthetic(
+            data.n_samples,
+            data.n_features,
+            data.n_classes,
+            data.label_noise,
+            data.teacher_hidden,
+            data.seed,
+        )
+        num_classes = data.n_classes
+    else:
+        assert data.path is not None and data.target is not None
+        x, y, num_classes = load_csv(data.path, data.target, data.task)
+        task = data.task
+    test_fraction = 0.0 if test is not None else data.test_fraction
+    train_idx, val_idx, test_idx = _split(len(x), (data.val_fraction, test_fraction), data.seed)
+    if data.train_subset is not None:
+        train_idx = train_idx[: data.train_subset]
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+    if data.name == "csv":  # standardize features with training statistics
+        mean, std = xt[train_idx].mean(0), xt[train_idx].std(0).clamp(min=1e-8)
+        xt = (xt - mean) / std
+    xt = torch.from_numpy(np.ascontiguousarray(_shape(xt.numpy(), layout, data.name)))
+    splits = {"train": (xt[train_idx], yt[train_idx]), "val": (xt[val_idx], yt[val_idx])}
+    if test is not None:
+        x_test = torch.from_numpy(np.ascontiguousarray(_shape(test[0], layout, data.name)))
+        splits["test"] = (x_test, torch.from_numpy(test[1]))
+    elif len(test_idx):
+        splits["test"] = (xt[test_idx], yt[test_idx])
+    info = DataInfo(tuple(xt.shape[1:]), task, num_classes)
+    return TensorDataModule(
+        splits, info, data.batch_size, seed=data.seed, on_device=data.on_device
+    )
+
+
+def describe(datamodule: pl.LightningDataModule) -> DataInfo:
+    """Input shape, task and class count of any DataModule.
+
+    droptune's own modules carry it; for a user's DataModule it is read from one training batch
+    (floating targets mean regression) and ``num_classes`` / ``vocab_size`` attributes where
+    present, else the largest label seen over the training set.
+    """
+    info = getattr(datamodule, "info", None)
+    if isinstance(info, DataInfo):
+        return info
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    first = next(iter(loader))
+    x, y = first[0], first[1]
+    regression = bool(torch.is_floating_point(y))
+    num_classes = getattr(datamodule, "num_classes", None)
+    if not regression and num_classes is None:
+        num_classes = int(max(int(batch[1].max()) for batch in loader)) + 1
+    return DataInfo(
+        tuple(x.shape[1:]),
+        "regression" if regression else "classification",
+        None if regression else int(num_classes),
+        getattr(datamodule, "vocab_size", None),
+    )
