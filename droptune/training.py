@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 import logging
 import math
@@ -135,7 +136,7 @@ class FitResult:
     stopped_early: bool
 
 
-def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in metrics.items():
         number = float(value.item() if isinstance(value, torch.Tensor) else value)
@@ -175,7 +176,7 @@ def fit(
             metrics.update(_scalars(tested[0]))
     if checkpoint is not None:
         trainer.save_checkpoint(str(checkpoint))
-    stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+    stopper = trainer.early_stopping_callback
     stopped = bool(stopper is not None and stopper.stopped_epoch > 0)
     return FitResult(config, module, trainer, metrics, trainer.current_epoch, stopped)
 

@@ -159,6 +159,6 @@ def describe(datamodule: pl.LightningDataModule) -> DataInfo:
     return DataInfo(
         tuple(x.shape[1:]),
         "regression" if regression else "classification",
-        None if regression else int(num_classes),
+        None if regression or num_classes is None else int(num_classes),
         getattr(datamodule, "vocab_size", None),
     )

@@ -39,12 +39,17 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 
 def _dropout(
-    drop: DropoutConfig, site: str, rate_field: str | None = None, **options: object
+    drop: DropoutConfig, site: str, rate_field: str | None = None, max_block: int | None = None
 ) -> nn.Module:
-    kind, rate, opts = drop.for_site(site)
+    """The dropout module of ``site``; sequences are batch-first, blocks fit the feature map."""
+    kind, rate, options = drop.for_site(site)
     if rate_field is not None:
         rate = drop.rate(rate_field)
-    return make_dropout(kind, rate, **{**opts, **options})
+    if kind == "variational":
+        options["batch_first"] = True
+    if kind == "dropblock" and max_block is not None:
+        options["block_size"] = min(options["block_size"], max_block)
+    return make_dropout(kind, rate, **options)
 
 
 def _init_selu(module: nn.Module) -> None:
@@ -103,9 +108,7 @@ def build_cnn(cfg: TrainConfig, info: DataInfo, out: int) -> nn.Module:
             conv(channels, width, k, padding=k // 2),
             _norm(cfg.model.norm, width, dims),
             _ACTIVATIONS[cfg.model.activation](),
-            _dropout(drop, "conv", block_size=min(drop.block_size, *spatial))
-            if drop.for_site("conv")[0] == "dropblock"
-            else _dropout(drop, "conv"),
+            _dropout(drop, "conv", max_block=min(spatial)),
         ]
         if min(spatial) >= 2:
             layers.append(pool(2))
@@ -140,11 +143,7 @@ class RecurrentNet(nn.Module):
             features = info.input_shape[-1]
         cell = VariationalLSTM if m.cell == "lstm" else VariationalGRU
         directions = 2 if m.bidirectional else 1
-        self.input_drop = (
-            _dropout(drop, "sequence", "input_rate", batch_first=True)
-            if (drop.for_site("sequence")[0] == "variational")
-            else _dropout(drop, "sequence", "input_rate")
-        )
+        self.input_drop = _dropout(drop, "sequence", "input_rate")
         self.layers = nn.ModuleList()
         self.between = nn.ModuleList()
         for layer in range(m.num_layers):
@@ -159,14 +158,7 @@ class RecurrentNet(nn.Module):
                 add_weight_dropout(rnn, drop.rate("recurrent_weight_rate"))
             self.layers.append(rnn)
             if layer < m.num_layers - 1:
-                kind = drop.for_site("sequence")[0]
-                self.between.append(
-                    _dropout(
-                        drop,
-                        "sequence",
-                        **({"batch_first": True} if kind == "variational" else {}),
-                    )
-                )
+                self.between.append(_dropout(drop, "sequence"))
         self.output_drop = _dropout(drop, "hidden")
         self.head = nn.Linear(m.hidden_size * directions, out)
 
@@ -190,10 +182,8 @@ class TransformerBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(
-            dim, heads, attn_dropout=drop.for_site("attention")[1], proj_dropout=0.0
-        )
-        self.attn.proj_drop = _dropout(drop, "hidden")
+        self.attn = SelfAttention(dim, heads, attn_dropout=drop.for_site("attention")[1])
+        self.attn.proj_drop = _dropout(drop, "hidden")  # type: ignore[assignment]
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(
             nn.Linear(dim, dim * ffn_mult),
