@@ -40,11 +40,41 @@ class L2Like(Protocol):
 
 
 def _weight(module: nn.Module) -> Tensor | None:
-    """The raw (trainable) weight tensor of a module, looking through parametrizations."""
+    """The raw (trainable) weight tensor of a module, looking through parametrizations.
+
+    ``None`` when there is no weight, or when a parametrization splits it into several
+    originals (e.g. ``weight_norm``'s magnitude and direction).
+    """
     if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations["weight"].original  # type: ignore[index, union-attr]
+        plist: Any = module.parametrizations["weight"]  # type: ignore[index]
+        return plist.original if plist.is_tensor else None
     weight = getattr(module, "weight", None)
     return weight if isinstance(weight, Tensor) else None
+
+
+def _renorm_parametrized(module: nn.Module, dim: int, max_norm: float) -> None:
+    """Max-norm for a weight stored as several originals: project the effective weight.
+
+    The weight is evaluated with every stochastic parametrization (DropConnect) in eval mode,
+    projected, and written back through the parametrizations' ``right_inverse``.
+    """
+    plist: Any = module.parametrizations["weight"]  # type: ignore[index]
+    flags = [(sub, sub.training) for sub in plist.modules()]
+    plist.eval()
+    try:
+        weight = module.weight
+        projected = torch.renorm(weight, p=2, dim=dim, maxnorm=max_norm)
+        if not torch.equal(projected, weight):
+            try:
+                module.weight = projected
+            except RuntimeError as err:  # a parametrization without right_inverse
+                raise ConfigError(
+                    f"max_norm: cannot write the projected weight of {type(module).__name__} "
+                    f"back through its parametrizations: {err}"
+                ) from err
+    finally:
+        for sub, flag in flags:
+            sub.training = flag
 
 
 @torch.no_grad()
@@ -72,11 +102,14 @@ def max_norm_(module: nn.Module, max_norm: float) -> int:
     visited = 0
     for sub in module.modules():
         if isinstance(sub, nn.Linear | nn.modules.conv._ConvNd):
-            weight = _weight(sub)
-            if weight is None:
-                continue
             dim = 1 if isinstance(sub, nn.modules.conv._ConvTransposeNd) else 0
-            weight.copy_(torch.renorm(weight, p=2, dim=dim, maxnorm=max_norm))
+            weight = _weight(sub)
+            if weight is not None:
+                weight.copy_(torch.renorm(weight, p=2, dim=dim, maxnorm=max_norm))
+            elif parametrize.is_parametrized(sub, "weight"):
+                _renorm_parametrized(sub, dim, max_norm)
+            else:
+                continue
             visited += 1
     return visited
 
@@ -101,13 +134,15 @@ def decay_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
             (no_decay if is_norm or name.startswith("bias") else decay).append(param)
         # Parametrized tensors live in `owner.parametrizations.<name>.original`.
         if parametrize.is_parametrized(owner):
+            # Several originals (``original0``, ``original1``, ... e.g. weight_norm) when a
+            # parametrization splits the tensor; each counts as the parametrized tensor's.
             for name, plist in owner.parametrizations.items():  # type: ignore[union-attr, operator]
-                param = plist.original
-                if not param.requires_grad or id(param) in seen:
-                    continue
-                seen.add(id(param))
-                is_norm = isinstance(owner, _NORM_TYPES)
-                (no_decay if is_norm or name.startswith("bias") else decay).append(param)
+                for param in plist.parameters(recurse=False):
+                    if not param.requires_grad or id(param) in seen:
+                        continue
+                    seen.add(id(param))
+                    is_norm = isinstance(owner, _NORM_TYPES)
+                    (no_decay if is_norm or name.startswith("bias") else decay).append(param)
     return decay, no_decay
 
 

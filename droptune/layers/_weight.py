@@ -56,6 +56,10 @@ class DropConnect(DropoutBase):
         shape = tuple(weight.shape[:lead]) + (1,) * (weight.dim() - lead)
         return weight * self.scaled_mask(weight, shape)
 
+    def right_inverse(self, weight: Tensor) -> Tensor:
+        """Identity: assigning to the parametrized weight sets the raw weight."""
+        return weight
+
     def extra_repr(self) -> str:
         return super().extra_repr() + (", rows=True" if self.rows else "")
 
