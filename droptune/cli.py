@@ -31,8 +31,17 @@ app = typer.Typer(
 )
 
 #: Sections of a study spec that are about tuning, not training; ``train`` ignores them.
-SPEC_ONLY_SECTIONS = ("study", "search", "sampler", "pruner", "storage", "tracking", "n_trials",
-                      "timeout", "execution")
+SPEC_ONLY_SECTIONS = (
+    "study",
+    "search",
+    "sampler",
+    "pruner",
+    "storage",
+    "tracking",
+    "n_trials",
+    "timeout",
+    "execution",
+)
 
 log = logging.getLogger("droptune")
 
@@ -60,8 +69,9 @@ def _devices_overrides(devices: str | None) -> dict[str, Any]:
     try:
         ids = [int(part) for part in devices.split(",") if part.strip()]
     except ValueError:
-        raise typer.BadParameter(f"must be auto, cpu or GPU ids like 0,1; got {devices!r}",
-                                 param_hint="--devices") from None
+        raise typer.BadParameter(
+            f"must be auto, cpu or GPU ids like 0,1; got {devices!r}", param_hint="--devices"
+        ) from None
     if not ids:
         raise typer.BadParameter("no GPU ids given", param_hint="--devices")
     return {"train.accelerator": "gpu", "train.devices": ids}
@@ -81,13 +91,21 @@ def _load_train_config(path: Path) -> Any:
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="A config YAML: an exported best config or a "
-                                           "study spec (its tuning sections are ignored).")],
-    max_epochs: Annotated[int | None, typer.Option(min=1, help="Override train.max_epochs.")] = None,
+    config: Annotated[
+        Path,
+        typer.Argument(
+            help="A config YAML: an exported best config or a "
+            "study spec (its tuning sections are ignored)."
+        ),
+    ],
+    max_epochs: Annotated[
+        int | None, typer.Option(min=1, help="Override train.max_epochs.")
+    ] = None,
     devices: Annotated[str | None, typer.Option(help="auto, cpu, or GPU ids like 0,1.")] = None,
     seed: Annotated[int | None, typer.Option(help="Override train.seed.")] = None,
-    output: Annotated[Path | None, typer.Option(help="Output directory (default "
-                                                "runs/train-<time>).")] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Output directory (default runs/train-<time>).")
+    ] = None,
 ) -> None:
     """Train one model from a config file; print validation and test metrics, save the
     checkpoint and the resolved config."""
@@ -115,10 +133,264 @@ def train(
     typer.echo(f"output: {out}")
 
 
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage", envvar="DROPTUNE_STORAGE", help="SQLAlchemy URL of the Optuna storage."
+    ),
+]
+
+
+def _spec_and_url(
+    spec_path: Path, storage: str | None, study_name: str | None
+) -> tuple[Any, str, str]:
+    from droptune.storage import default_url
+    from droptune.study.spec import load_spec
+
+    spec = load_spec(spec_path)
+    name = study_name or spec.study.name
+    if storage is not None:
+        from droptune.storage import check_url
+
+        check_url(storage, "--storage")
+    return spec, storage or spec.storage or default_url(name), name
+
+
+@app.command()
+def run(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec YAML.")],
+    n_trials: Annotated[
+        int | None, typer.Option(min=1, help="Trials to finish (COMPLETE or PRUNED).")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=1, help="Seconds after which no new trial starts.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="Worker processes (0: only create the study).")
+    ] = None,
+    devices: Annotated[str | None, typer.Option(help="auto, cpu, or GPU ids like 0,1.")] = None,
+    per_device: Annotated[int | None, typer.Option(min=1, help="Workers per GPU.")] = None,
+    storage: StorageOpt = None,
+    study_name: Annotated[str | None, typer.Option(help="Override study.name.")] = None,
+    graceful: Annotated[bool, typer.Option(help="On Ctrl-C finish running trials.")] = False,
+) -> None:
+    """Create or resume a study and tune it with local workers; print the best trial."""
+    from droptune.study.runner import run_study
+
+    spec, url, name = _spec_and_url(spec_path, storage, study_name)
+    _quiet_lightning()
+    summary = run_study(
+        spec,
+        spec_path,
+        storage_url=url,
+        study_name=name,
+        n_trials=n_trials,
+        timeout=timeout,
+        workers=workers,
+        devices=devices,
+        per_device=per_device,
+        graceful=graceful,
+    )
+    typer.echo(f"study: {summary.study_name}")
+    typer.echo(f"storage: {summary.storage}")
+    typer.echo(
+        "trials: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(summary.counts.items()))
+    )
+    if summary.best_params is not None:
+        typer.echo(f"best value: {summary.best_value}")
+        for key, value in summary.best_params.items():
+            typer.echo(f"  {key}: {value}")
+    if summary.interrupted:
+        typer.echo("interrupted: run the same command again to resume", err=True)
+        raise typer.Exit(130)
+    if (
+        not summary.finished
+        and (workers is None or workers > 0)
+        and not timeout
+        and not (spec.timeout)
+    ):
+        typer.echo(
+            "error: the study did not reach its trial count (see the worker messages "
+            "above); run again to resume",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
+def worker(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec YAML.")],
+    storage: StorageOpt = None,
+    study_name: Annotated[str | None, typer.Option(help="Override study.name.")] = None,
+    n_trials: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Create the study with this many trials if it does not exist yet."
+        ),
+    ] = None,
+    owner: Annotated[str | None, typer.Option(help="Worker identity (default host:pid).")] = None,
+    worker_index: Annotated[int, typer.Option(min=0, help="Offsets the sampler seed.")] = 0,
+    deadline: Annotated[
+        float | None, typer.Option(help="Unix time after which no new trial starts.")
+    ] = None,
+    graceful: Annotated[bool, typer.Option(help="On SIGTERM finish the running trial.")] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Config override path=value (repeatable).")
+    ] = None,
+) -> None:
+    """Join a study (creating it if needed) and run trials until it has its trial count."""
+    import yaml
+
+    from droptune.study.runner import create_study
+    from droptune.study.worker import run_worker
+
+    spec, url, name = _spec_and_url(spec_path, storage, study_name)
+    overrides: dict[str, Any] = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"expected path=value, got {item!r}", param_hint="--set")
+        overrides[key] = yaml.safe_load(value)
+    if overrides:
+        spec.base.with_overrides(overrides)  # validate before joining
+    _quiet_lightning()
+    create_study(spec, url, name, n_trials or spec.n_trials)
+    report = run_worker(
+        spec,
+        url,
+        name,
+        worker_index=worker_index,
+        owner=owner,
+        device_overrides=overrides,
+        deadline=deadline,
+        graceful=graceful,
+    )
+    log.info("worker %s: %s", report.owner, report.states)
+    if report.gave_up:
+        typer.echo(f"error: {report.gave_up}", err=True)
+        raise typer.Exit(1)
+    if report.interrupted:
+        raise typer.Exit(130)
+
+
+@app.command()
+def status(
+    storage: StorageOpt = None,
+    study: Annotated[str | None, typer.Option(help="Study name (default: every study).")] = None,
+) -> None:
+    """Trials by state, best value and params, and running trials with their age."""
+    import datetime as dt
+
+    import optuna
+
+    from droptune.export import load_study
+    from droptune.storage import open_storage
+    from droptune.study.runner import counts_by_state
+    from droptune.study.runner import reap_trials
+
+    url = _require_storage(storage)
+    names = (
+        [study]
+        if study
+        else [s.study_name for s in optuna.get_all_study_summaries(open_storage(url))]
+    )
+    for name in names:
+        opened = load_study(name, url)
+        reaped = reap_trials(opened)
+        counts = counts_by_state(opened)
+        typer.echo(
+            f"study {name}: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items()))
+        )
+        if reaped:
+            typer.echo(f"  failed {reaped} stale trial(s) whose worker stopped beating")
+        try:
+            best = opened.best_trial if len(opened.directions) == 1 else opened.best_trials[0]
+            typer.echo(f"  best: trial {best.number} value {best.values}")
+            for key, value in best.params.items():
+                typer.echo(f"    {key}: {value}")
+        except (ValueError, IndexError):
+            typer.echo("  best: none yet")
+        now = dt.datetime.now()
+        for trial in opened.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            age = (now - trial.datetime_start).total_seconds() if trial.datetime_start else 0
+            typer.echo(
+                f"  running: trial {trial.number} for {age:.0f}s on "
+                f"{trial.user_attrs.get('droptune.worker', '?')}"
+            )
+
+
+@app.command()
+def studies(storage: StorageOpt = None) -> None:
+    """List the studies in a storage."""
+    import optuna
+
+    from droptune.storage import open_storage
+
+    for summary in optuna.get_all_study_summaries(open_storage(_require_storage(storage))):
+        best = summary.best_trial.values if summary.best_trial else None
+        typer.echo(f"{summary.study_name}\ttrials={summary.n_trials}\tbest={best}")
+
+
+def _best_config_text(storage: str | None, study: str, fmt: str) -> str:
+    from droptune.export import best_trial
+    from droptune.export import load_study
+    from droptune.export import trial_config
+
+    opened = load_study(study, _require_storage(storage))
+    cfg = trial_config(opened, best_trial(opened))
+    if fmt == "json":
+        return json.dumps(cfg.to_dict(), indent=2) + "\n"
+    return cfg.to_yaml()
+
+
+@app.command()
+def best(
+    study: Annotated[str, typer.Option(help="Study name.")],
+    storage: StorageOpt = None,
+    format_: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
+) -> None:
+    """Print the best trial's full training config (accepted by `droptune train`)."""
+    typer.echo(_best_config_text(storage, study, _check_format(format_)), nl=False)
+
+
+@app.command()
+def export(
+    study: Annotated[str, typer.Option(help="Study name.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="File to write.")],
+    storage: StorageOpt = None,
+    format_: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
+) -> None:
+    """Write the best trial's full training config to a file."""
+    text = _best_config_text(storage, study, _check_format(format_))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    typer.echo(f"wrote {output}")
+
+
+def _check_format(value: str) -> str:
+    if value not in ("yaml", "json"):
+        raise typer.BadParameter(f"must be yaml or json, got {value!r}", param_hint="--format")
+    return value
+
+
+def _require_storage(storage: str | None) -> str:
+    if not storage:
+        raise typer.BadParameter(
+            "give --storage URL (or set DROPTUNE_STORAGE)", param_hint="--storage"
+        )
+    from droptune.storage import check_url
+
+    check_url(storage, "--storage")
+    return storage
+
+
 @app.callback()
 def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,7 +127,7 @@ def decay_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
     seen: set[int] = set()
     for owner in model.modules():
         for name, param in owner.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
+            if id(param) in seen:
                 continue
             seen.add(id(param))
             is_norm = isinstance(owner, _NORM_TYPES)

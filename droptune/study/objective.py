@@ -1,0 +1,172 @@
+"""One Optuna trial: suggest → config → fit with pruning → value(s), recorded on the trial."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from typing import TYPE_CHECKING
+from typing import Any
+
+import optuna
+import pytorch_lightning as pl
+
+from droptune.study.space import suggest
+
+
+if TYPE_CHECKING:
+    from droptune.config import TrainConfig
+    from droptune.study.spec import StudySpec
+
+__all__ = ["GAP_METRIC", "Objective", "PruningCallback", "TrialFailed", "trial_seed"]
+
+log = logging.getLogger(__name__)
+
+#: Derived objective: final ``val_loss - train_loss`` (how much the model overfits).
+GAP_METRIC = "val_train_gap"
+
+
+class TrialFailed(Exception):
+    """A trial could not produce a usable value (NaN/inf metric, missing metric)."""
+
+
+def trial_seed(study_seed: int, trial_number: int) -> int:
+    """The training seed of a trial, derived from the study seed and the trial number."""
+    return (study_seed * 1_000_003 + trial_number * 7_919) % (2**31 - 1)
+
+
+class PruningCallback(pl.Callback):
+    """Report the monitored metric to Optuna after each validation epoch; prune if asked.
+
+    droptune's own (optuna-integration's ``PyTorchLightningPruningCallback`` imports the
+    ``lightning`` namespace, which must not be mixed with ``pytorch_lightning`` in one Trainer).
+    """
+
+    def __init__(self, trial: optuna.Trial, monitor: str) -> None:
+        self.trial = trial
+        self.monitor = monitor
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        number = float(value)
+        if not math.isfinite(number):
+            return  # the NaN check fails the trial with a reason; don't feed NaN to the pruner
+        epoch = trainer.current_epoch
+        self.trial.report(number, step=epoch)
+        if self.trial.should_prune():
+            self.trial.set_user_attr("droptune.pruned_at_epoch", epoch)
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.monitor}={number:.6g})")
+
+
+class _History(pl.Callback):
+    """Every validation epoch's metrics (val_* from this epoch)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+class Objective:
+    """Callable objective for ``study.optimize``: trains the trial's config and returns the
+    best value of the study metric over validation epochs (single objective), or each metric's
+    final value (multi-objective; ``val_train_gap`` is derived)."""
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        device_overrides: dict[str, Any] | None = None,
+        worker: str = "",
+        extra_callbacks: list[Any] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.base: TrainConfig = spec.base
+        self.device_overrides = device_overrides or {}
+        self.worker = worker
+        self.extra_callbacks = extra_callbacks or []
+        self.on_trial_start: list[Any] = []
+
+    def config_for(self, trial: optuna.Trial) -> tuple[TrainConfig, dict[str, Any]]:
+        params = suggest(trial, self.spec, self.base)
+        seed = trial_seed(self.spec.study.seed, trial.number)
+        cfg = self.base.with_overrides({**params, **self.device_overrides, "train.seed": seed})
+        return cfg, params
+
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        try:
+            return self._run(trial)
+        except optuna.TrialPruned:
+            raise
+        except BaseException as exc:
+            # Kept on the trial so that `droptune status` and MLflow can say what happened.
+            import traceback
+
+            trial.set_user_attr("droptune.fail_reason", f"{type(exc).__name__}: {exc}"[:1000])
+            trial.set_user_attr("droptune.traceback", traceback.format_exc()[-4000:])
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float | list[float]:
+        from droptune.training import fit
+
+        for hook in self.on_trial_start:
+            hook(trial)
+        cfg, _ = self.config_for(trial)
+        trial.set_user_attr("droptune.seed", cfg.train.seed)
+        trial.set_user_attr("droptune.worker", self.worker)
+        trial.set_user_attr("droptune.host", socket.gethostname())
+        trial.set_user_attr(
+            "droptune.device",
+            os.environ.get("CUDA_VISIBLE_DEVICES", "cpu")
+            if cfg.train.accelerator != "cpu"
+            else "cpu",
+        )
+        objectives = self.spec.study.objectives
+        directions = self.spec.study.study_directions
+        history = _History()
+        callbacks: list[Any] = [history, *self.extra_callbacks]
+        if len(objectives) == 1 and self.spec.pruner.name != "none":
+            callbacks.append(PruningCallback(trial, objectives[0]))
+        result = fit(cfg, test=False, callbacks=callbacks)
+        trial.set_user_attr("droptune.epochs", result.epochs)
+        trial.set_user_attr("droptune.stopped_early", result.stopped_early)
+        final = dict(result.metrics)
+        if "val_loss" in final and "train_loss" in final:
+            final[GAP_METRIC] = final["val_loss"] - final["train_loss"]
+        for key, value in final.items():
+            if math.isfinite(value):
+                trial.set_user_attr(f"metric.{key}", value)
+        if len(objectives) == 1:
+            value = self._best(objectives[0], directions[0], history.rows, final)
+            return value
+        return [self._final(m, final) for m in objectives]
+
+    @staticmethod
+    def _final(metric: str, final: dict[str, float]) -> float:
+        if metric not in final:
+            raise TrialFailed(f"metric {metric!r} was not logged; logged: {', '.join(final)}")
+        value = final[metric]
+        if not math.isfinite(value):
+            raise TrialFailed(f"{metric} is {value} (the loss diverged)")
+        return value
+
+    @staticmethod
+    def _best(
+        metric: str, direction: str, rows: list[dict[str, float]], final: dict[str, float]
+    ) -> float:
+        values = [row[metric] for row in rows if metric in row]
+        if not values:
+            return Objective._final(metric, final)
+        if any(not math.isfinite(v) for v in values):
+            bad = next(v for v in values if not math.isfinite(v))
+            raise TrialFailed(
+                f"{metric} became {bad} at epoch {values.index(bad)} (the loss diverged)"
+            )
+        return min(values) if direction == "minimize" else max(values)

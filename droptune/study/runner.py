@@ -1,0 +1,301 @@
+"""``droptune run``: create or resume a study, start local worker processes, show progress.
+
+Workers are real processes (``droptune worker``), each pinned to one device through
+``CUDA_VISIBLE_DEVICES`` (M per GPU with ``per_device``), so a crash or SIGKILL of one never
+takes the others down, and the same command joins a study from another machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import logging
+import os
+from pathlib import Path
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+import uuid
+
+import optuna
+
+from droptune.exceptions import SpecError
+from droptune.storage import default_url
+from droptune.storage import mask_url
+from droptune.storage import open_storage
+from droptune.study.factories import make_pruner
+from droptune.study.factories import make_sampler
+from droptune.study.slots import Slots
+from droptune.study.spec import StudySpec
+
+
+__all__ = ["RunSummary", "create_study", "plan_workers", "reap_trials", "run_study"]
+
+log = logging.getLogger(__name__)
+
+SPEC_ATTR = "droptune.spec"
+
+
+@dataclass
+class RunSummary:
+    """How a ``run`` ended."""
+
+    study_name: str
+    storage: str
+    counts: dict[str, int]
+    best_value: Any
+    best_params: dict[str, Any] | None
+    interrupted: bool
+    finished: bool
+    worker_codes: list[int]
+
+
+def create_study(
+    spec: StudySpec, storage_url: str, study_name: str, n_trials: int
+) -> optuna.Study:
+    """Create the study (or load it to resume), record the spec on it, and size its slots."""
+    import droptune
+
+    storage = open_storage(storage_url)
+    directions = spec.study.study_directions
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        sampler=make_sampler(spec),
+        pruner=make_pruner(spec),
+        directions=directions,  # type: ignore[arg-type]
+        load_if_exists=True,
+    )
+    if [d.name.lower() for d in study.directions] != directions:
+        raise SpecError(
+            f"study.direction: study {study_name!r} already exists with directions "
+            f"{[d.name.lower() for d in study.directions]}, the spec asks for "
+            f"{directions}; use another study.name"
+        )
+    if SPEC_ATTR not in study.user_attrs:
+        study.set_user_attr(SPEC_ATTR, spec.to_dict())
+        study.set_user_attr("droptune.version", droptune.__version__)
+    slots = Slots(storage_url, study_name)
+    try:
+        slots.ensure(n_trials)
+    finally:
+        slots.close()
+    return study
+
+
+def plan_workers(devices: str, workers: int | None, per_device: int) -> list[dict[str, Any]]:
+    """One entry per worker: its ``CUDA_VISIBLE_DEVICES`` and config overrides.
+
+    ``devices``: ``auto`` (every visible GPU, else CPU), ``cpu``, or GPU ids ``0,1``.
+    """
+    ids: list[str]
+    if devices == "cpu":
+        ids = []
+    elif devices == "auto":
+        import torch
+
+        ids = [str(i) for i in range(torch.cuda.device_count())]
+    else:
+        ids = [part.strip() for part in devices.split(",") if part.strip()]
+        if not ids or not all(part.isdigit() for part in ids):
+            raise SpecError(f"--devices: must be auto, cpu or GPU ids like 0,1; got {devices!r}")
+    if not ids:
+        count = workers if workers is not None else 1
+        threads = max(1, (os.cpu_count() or 1) // max(count, 1))
+        return [
+            {
+                "env": {"CUDA_VISIBLE_DEVICES": ""},
+                "overrides": {
+                    "train.accelerator": "cpu",
+                    "train.devices": 1,
+                    "train.num_threads": threads,
+                },
+            }
+            for _ in range(count)
+        ]
+    count = workers if workers is not None else len(ids) * per_device
+    return [
+        {
+            "env": {"CUDA_VISIBLE_DEVICES": ids[i % len(ids)]},
+            "overrides": {"train.accelerator": "gpu", "train.devices": 1},
+        }
+        for i in range(count)
+    ]
+
+
+def counts_by_state(study: optuna.Study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
+
+
+def reap_trials(
+    study: optuna.Study, owner_prefix: str | None = None, reason: str = "interrupted"
+) -> int:
+    """Mark RUNNING trials FAIL: those of workers whose owner starts with ``owner_prefix``
+    (all of them gone), then any whose heartbeat is stale. Returns how many were failed."""
+    from optuna.trial import TrialState
+
+    failed = 0
+    storage = study._storage
+    if owner_prefix is not None:
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if str(trial.user_attrs.get("droptune.worker", "")).startswith(owner_prefix):
+                storage.set_trial_user_attr(trial._trial_id, "droptune.fail_reason", reason)
+                if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                    failed += 1
+    try:
+        failed += len(optuna.storages.fail_stale_trials(study) or [])
+    except Exception as exc:  # storages without heartbeat support
+        log.debug("fail_stale_trials: %s", exc)
+    return failed
+
+
+def _best(study: optuna.Study) -> tuple[Any, dict[str, Any] | None]:
+    try:
+        if len(study.directions) > 1:
+            front = study.best_trials
+            return [t.values for t in front], (front[0].params if front else None)
+        return study.best_value, study.best_params
+    except ValueError:
+        return None, None
+
+
+def run_study(
+    spec: StudySpec,
+    spec_path: Path,
+    *,
+    storage_url: str | None = None,
+    study_name: str | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    workers: int | None = None,
+    devices: str | None = None,
+    per_device: int | None = None,
+    graceful: bool = False,
+    progress: bool = True,
+) -> RunSummary:
+    """Create or resume the study and run it with local worker processes until it has
+    ``n_trials`` COMPLETE or PRUNED trials (or the timeout passes, or Ctrl-C)."""
+    name = study_name or spec.study.name
+    url = storage_url or spec.storage or default_url(name)
+    total = n_trials or spec.n_trials
+    study = create_study(spec, url, name, total)
+    reap_trials(study)
+    execution = spec.execution
+    plan = plan_workers(
+        devices or execution.devices,
+        workers if workers is not None else execution.workers,
+        per_device or execution.per_device,
+    )
+    deadline_s = timeout or spec.timeout
+    deadline = time.time() + deadline_s if deadline_s else None
+    prefix = f"run-{uuid.uuid4().hex[:8]}"
+    procs: list[subprocess.Popen[bytes]] = []
+    for index, entry in enumerate(plan):
+        cmd = [
+            sys.executable,
+            "-m",
+            "droptune.cli",
+            "worker",
+            str(spec_path),
+            "--storage",
+            url,
+            "--study-name",
+            name,
+            "--owner",
+            f"{prefix}-{index}",
+            "--worker-index",
+            str(index),
+            "--n-trials",
+            str(total),
+        ]
+        if deadline is not None:
+            cmd += ["--deadline", repr(deadline)]
+        if graceful:
+            cmd.append("--graceful")
+        for key, value in entry["overrides"].items():
+            cmd += ["--set", f"{key}={value}"]
+        env = {**os.environ, **entry["env"], "PYTHONUNBUFFERED": "1"}
+        procs.append(subprocess.Popen(cmd, env=env))
+    interrupted = False
+    try:
+        _watch(study, procs, total, progress)
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted: stopping %d workers", len(procs))
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=120 if graceful else 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    codes = [proc.wait() for proc in procs]
+    reap_trials(
+        study,
+        owner_prefix=prefix,
+        reason="droptune run was interrupted" if interrupted else "worker exited",
+    )
+    counts = counts_by_state(study)
+    slots = Slots(url, name)
+    try:
+        states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+        finished = slots.finished(states)
+    finally:
+        slots.close()
+    best_value, best_params = _best(study)
+    return RunSummary(
+        name, mask_url(url), counts, best_value, best_params, interrupted, finished, codes
+    )
+
+
+def _watch(
+    study: optuna.Study, procs: list[subprocess.Popen[bytes]], total: int, progress: bool
+) -> None:
+    """Poll the storage until every worker has exited; show done/pruned/failed/running."""
+    from rich.console import Console
+    from rich.progress import BarColumn
+    from rich.progress import MofNCompleteColumn
+    from rich.progress import Progress
+    from rich.progress import TextColumn
+    from rich.progress import TimeElapsedColumn
+
+    console = Console(stderr=True)
+    show = progress and console.is_terminal
+    last_line = 0.0
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not show,
+    ) as bar:
+        task = bar.add_task(study.study_name, total=total)
+        while True:
+            alive = any(proc.poll() is None for proc in procs)
+            counts = counts_by_state(study)
+            done = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
+            best, _ = _best(study)
+            best_text = (
+                "-"
+                if best is None
+                else (f"{best:.5g}" if isinstance(best, float) else str(best)[:40])
+            )
+            text = (
+                f"{study.study_name}: done {counts.get('COMPLETE', 0)} | pruned "
+                f"{counts.get('PRUNED', 0)} | failed {counts.get('FAIL', 0)} | running "
+                f"{counts.get('RUNNING', 0)} | best {best_text}"
+            )
+            bar.update(task, completed=min(done, total), description=text)
+            if not show and time.time() - last_line > 10:
+                log.info(text)
+                last_line = time.time()
+            if not alive:
+                return
+            time.sleep(1.0)

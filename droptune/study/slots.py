@@ -1,0 +1,153 @@
+"""Exact trial counts with many workers: one reservation row per requested trial.
+
+Optuna's ``MaxTrialsCallback`` stops a worker once enough trials finished, but trials that other
+workers started meanwhile still run, so K workers overshoot by up to K-1. Here the study owns a
+table of N slots in the same database. A worker claims a free slot with a compare-and-swap
+``UPDATE ... WHERE owner IS NULL`` (atomic on SQLite and PostgreSQL) before it asks Optuna for a
+trial, and binds the trial number to it. A slot whose trial FAILs (an exception, a stale
+heartbeat after SIGKILL) is released and claimed again, so the study ends with exactly N
+COMPLETE or PRUNED trials.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+from droptune.storage import engine_kwargs
+
+
+__all__ = ["Slots"]
+
+_metadata = sa.MetaData()
+_table = sa.Table(
+    "droptune_slots",
+    _metadata,
+    sa.Column("study_name", sa.String(512), primary_key=True),
+    sa.Column("slot", sa.Integer, primary_key=True),
+    sa.Column("owner", sa.String(128), nullable=True),
+    sa.Column("trial_number", sa.Integer, nullable=True),
+    sa.Column("claimed_at", sa.Float, nullable=True),
+)
+
+
+class Slots:
+    """The reservation table of one study."""
+
+    def __init__(self, url: str, study_name: str) -> None:
+        self.study_name = study_name
+        self.engine = sa.create_engine(url, **engine_kwargs(url))
+        _metadata.create_all(self.engine, checkfirst=True)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ensure(self, n: int) -> None:
+        """Make sure slots 0..n-1 exist (never removes any)."""
+        with self.engine.begin() as conn:
+            existing = {
+                row[0]
+                for row in conn.execute(
+                    sa.select(_table.c.slot).where(_table.c.study_name == self.study_name)
+                )
+            }
+        for slot in range(n):
+            if slot in existing:
+                continue
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(_table.insert().values(study_name=self.study_name, slot=slot))
+            except sa.exc.IntegrityError:
+                pass  # another process created it
+
+    def total(self) -> int:
+        with self.engine.begin() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(_table)
+                    .where(_table.c.study_name == self.study_name)
+                ).scalar_one()
+            )
+
+    def rows(self) -> list[Any]:
+        with self.engine.begin() as conn:
+            return list(
+                conn.execute(
+                    sa.select(_table)
+                    .where(_table.c.study_name == self.study_name)
+                    .order_by(_table.c.slot)
+                )
+            )
+
+    def claim(self, owner: str) -> int | None:
+        """Atomically take a free slot; None when every slot is taken."""
+        for row in self.rows():
+            if row.owner is not None:
+                continue
+            with self.engine.begin() as conn:
+                result = conn.execute(
+                    _table.update()
+                    .where(
+                        _table.c.study_name == self.study_name,
+                        _table.c.slot == row.slot,
+                        _table.c.owner.is_(None),
+                    )
+                    .values(owner=owner, trial_number=None, claimed_at=time.time())
+                )
+            if result.rowcount == 1:
+                return int(row.slot)
+        return None
+
+    def bind(self, slot: int, owner: str, trial_number: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                _table.update()
+                .where(
+                    _table.c.study_name == self.study_name,
+                    _table.c.slot == slot,
+                    _table.c.owner == owner,
+                )
+                .values(trial_number=trial_number)
+            )
+
+    def release(self, slot: int, owner: str) -> bool:
+        """Give a slot back (its trial failed); only its owner's claim is released."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                _table.update()
+                .where(
+                    _table.c.study_name == self.study_name,
+                    _table.c.slot == slot,
+                    _table.c.owner == owner,
+                )
+                .values(owner=None, trial_number=None, claimed_at=None)
+            )
+        return result.rowcount == 1
+
+    def reclaim(self, states: dict[int, str], stale_after: float) -> int:
+        """Release slots whose trial FAILed, or that were claimed but never bound to a trial for
+        longer than ``stale_after`` seconds (a worker killed between claim and ask).
+
+        Args:
+            states: Optuna trial state names by trial number.
+        """
+        released = 0
+        now = time.time()
+        for row in self.rows():
+            if row.owner is None:
+                continue
+            failed = row.trial_number is not None and states.get(row.trial_number) == "FAIL"
+            orphan = row.trial_number is None and (now - (row.claimed_at or now)) > stale_after
+            if (failed or orphan) and self.release(int(row.slot), row.owner):
+                released += 1
+        return released
+
+    def finished(self, states: dict[int, str]) -> bool:
+        """True when every slot holds a COMPLETE or PRUNED trial."""
+        return all(
+            row.trial_number is not None and states.get(row.trial_number) in ("COMPLETE", "PRUNED")
+            for row in self.rows()
+        )

@@ -1,0 +1,136 @@
+"""Search space: spec ``search`` → ``trial.suggest_*`` calls → a flat ``{config path: value}``.
+
+Conditional rule — a parameter is sampled only where it exists:
+
+* ``regularization.dropout.kind`` is sampled first (when searched);
+* with kind ``none`` no dropout parameter is sampled (no rates, no block size);
+* ``block_size`` only when the kind is ``dropblock``;
+* ``conv_rate`` only for ``cnn``; ``recurrent_rate`` / ``recurrent_weight_rate`` only for
+  ``rnn``; ``attention_rate`` / ``droppath_rate`` only for ``transformer``; ``embedding_rate`` for
+  ``rnn``/``transformer``; a ``custom`` model may take all of them;
+* the kinds a family accepts: ``spatial``/``dropblock`` need convolutions (``cnn``),
+  ``variational`` needs sequences (``rnn``); element-wise kinds fit everywhere.
+
+A search path that can never apply to the spec's model family, or a kind choice the family
+cannot take, is a spec error rather than a silently ignored dimension.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from typing import Any
+
+from droptune.exceptions import ConfigError
+from droptune.exceptions import SpecError
+from droptune.layers import ELEMENTWISE_KINDS
+
+
+if TYPE_CHECKING:
+    import optuna
+
+    from droptune.config import TrainConfig
+    from droptune.study.spec import StudySpec
+
+__all__ = ["FAMILY_KINDS", "applicable", "check_search_space", "suggest"]
+
+KIND_PATH = "regularization.dropout.kind"
+
+FAMILY_KINDS: dict[str, tuple[str, ...]] = {
+    "mlp": ELEMENTWISE_KINDS,
+    "cnn": (*ELEMENTWISE_KINDS, "spatial", "dropblock"),
+    "rnn": (*ELEMENTWISE_KINDS, "variational"),
+    "transformer": ELEMENTWISE_KINDS,
+    "custom": (*ELEMENTWISE_KINDS, "spatial", "dropblock", "variational"),
+}
+
+_FIELD_FAMILIES: dict[str, tuple[str, ...]] = {
+    "conv_rate": ("cnn", "custom"),
+    "recurrent_rate": ("rnn", "custom"),
+    "recurrent_weight_rate": ("rnn", "custom"),
+    "attention_rate": ("transformer", "custom"),
+    "droppath_rate": ("transformer", "custom"),
+    "embedding_rate": ("rnn", "transformer", "custom"),
+}
+
+
+def _families_for(path: str) -> tuple[str, ...] | None:
+    if path.startswith("regularization.dropout."):
+        return _FIELD_FAMILIES.get(path.rsplit(".", 1)[1])
+    return None
+
+
+def applicable(path: str, family: str, kind: str) -> bool:
+    """Whether ``path`` is sampled for this family once the dropout kind is known."""
+    if path.startswith("regularization.dropout.") and path != KIND_PATH:
+        if kind == "none":
+            return False
+        if path.endswith(".block_size") and kind != "dropblock":
+            return False
+    families = _families_for(path)
+    return families is None or family in families
+
+
+def _exists(tree: dict[str, Any], path: str) -> bool:
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return not isinstance(node, dict | list)
+
+
+def check_search_space(spec: StudySpec, base: TrainConfig) -> None:
+    """Every search path exists, applies to the model family, and every candidate validates."""
+    family = base.model.family
+    full = base.model_dump(mode="json")
+    for path, dist in spec.search.items():
+        where = f"search.{path}"
+        if not _exists(full, path):
+            raise SpecError(
+                f"{where}: no such config field; search paths are dotted fields of the "
+                "sections data, model, train, regularization (e.g. "
+                "regularization.dropout.hidden_rate)"
+            )
+        families = _families_for(path)
+        if families is not None and family not in families:
+            raise SpecError(
+                f"{where}: only applies to model.family {' or '.join(families)}, not {family!r}"
+            )
+        if path == KIND_PATH:
+            allowed = FAMILY_KINDS[family]
+            for kind in dist.candidates():
+                if kind not in allowed:
+                    raise SpecError(
+                        f"{where}: kind {kind!r} does not fit model.family "
+                        f"{family!r}; allowed: {', '.join(allowed)}"
+                    )
+        for value in dist.candidates():
+            try:
+                base.with_overrides({path: value})
+            except ConfigError as exc:
+                raise SpecError(f"{where}: candidate {value!r} is invalid: {exc}") from None
+
+
+def suggest(trial: optuna.Trial, spec: StudySpec, base: TrainConfig) -> dict[str, Any]:
+    """Ask the trial for every applicable search dimension; returns ``{config path: value}``."""
+    params: dict[str, Any] = {}
+    family = base.model.family
+    kind = base.regularization.dropout.kind
+    ordered = sorted(spec.search.items(), key=lambda item: item[0] != KIND_PATH)
+    for path, dist in ordered:
+        if path != KIND_PATH and not applicable(path, family, kind):
+            continue
+        if dist.choices is not None:
+            value = trial.suggest_categorical(path, dist.choices)
+        elif dist.type == "int":
+            assert dist.low is not None and dist.high is not None
+            value = trial.suggest_int(
+                path, int(dist.low), int(dist.high), step=int(dist.step or 1), log=dist.log
+            )
+        else:
+            assert dist.low is not None and dist.high is not None
+            value = trial.suggest_float(path, dist.low, dist.high, step=dist.step, log=dist.log)
+        params[path] = value
+        if path == KIND_PATH:
+            kind = str(value)
+    return params
