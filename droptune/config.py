@@ -16,6 +16,7 @@ Every field is validated where it is parsed; errors name the dotted path
 from __future__ import annotations
 
 from pathlib import Path
+import re
 from typing import Annotated
 from typing import Any
 from typing import Literal
@@ -427,10 +428,23 @@ def set_path(tree: dict[str, Any], path: str, value: Any) -> None:
     node[leaf] = value
 
 
+class _SafeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-4`` as a float like YAML 1.2 does (YAML 1.1, and so
+    plain ``yaml.safe_load``, needs a dot: ``1.0e-4``; otherwise it is the string "1e-4")."""
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_yaml_mapping(text: str, what: str = "document") -> dict[str, Any]:
-    """``yaml.safe_load`` that insists on a mapping at the top and reports syntax errors."""
+    """Safe YAML loading (no object construction) that insists on a mapping at the top and
+    reports syntax errors with their line and column."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
