@@ -444,7 +444,7 @@ def load_yaml_mapping(text: str, what: str = "document") -> dict[str, Any]:
     """Safe YAML loading (no object construction) that insists on a mapping at the top and
     reports syntax errors with their line and column."""
     try:
-        data = yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_SafeLoader)  # a SafeLoader subclass: no objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -62,7 +62,7 @@ def _renorm_parametrized(module: nn.Module, dim: int, max_norm: float) -> None:
     flags = [(sub, sub.training) for sub in plist.modules()]
     plist.eval()
     try:
-        weight = module.weight
+        weight: Tensor = module.weight  # type: ignore[assignment]
         projected = torch.renorm(weight, p=2, dim=dim, maxnorm=max_norm)
         if not torch.equal(projected, weight):
             try:
@@ -127,7 +127,7 @@ def decay_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
     seen: set[int] = set()
     for owner in model.modules():
         for name, param in owner.named_parameters(recurse=False):
-            if id(param) in seen:
+            if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
             is_norm = isinstance(owner, _NORM_TYPES)
