@@ -3,15 +3,24 @@
 The public API is small on purpose::
 
     import droptune
+
     model, report = droptune.apply(my_model, {"dropout": {"kind": "standard", "hidden_rate": 0.3}})
+    config = droptune.load_best("digits-mlp", "sqlite:///runs/digits-mlp/droptune.db")
+    trainer = config.build_trainer()
 
 Layers, constraints and MC prediction live in :mod:`droptune.layers`; configuration objects in
-:mod:`droptune.config`; errors in :mod:`droptune.exceptions`.
+:mod:`droptune.config`; errors in :mod:`droptune.exceptions`; the study runner in
+:mod:`droptune.study`.
 """
 
 from droptune.config import RegularizationConfig
+from droptune.config import TrainConfig
+from droptune.config import load_config
 from droptune.exceptions import ConfigError
 from droptune.exceptions import DroptuneError
+from droptune.exceptions import SpecError
+from droptune.exceptions import StorageError
+from droptune.export import load_best
 from droptune.layers import DROPOUT_KINDS
 from droptune.layers import apply
 from droptune.layers import make_dropout
@@ -27,8 +36,13 @@ __all__ = [
     "ConfigError",
     "DroptuneError",
     "RegularizationConfig",
+    "SpecError",
+    "StorageError",
+    "TrainConfig",
     "__version__",
     "apply",
+    "load_best",
+    "load_config",
     "make_dropout",
     "max_norm_",
     "mc_predict",

@@ -395,9 +395,13 @@ class TrainConfig(StrictModel):
         return build_datamodule(self)
 
     def build_module(self, datamodule: Any = None) -> Any:
-        """The LightningModule for :attr:`model` with :attr:`regularization` applied."""
+        """The LightningModule for :attr:`model` with :attr:`regularization` applied, its
+        weights initialised from ``train.seed``."""
+        import pytorch_lightning as pl
+
         from droptune.models import build_module
 
+        pl.seed_everything(self.train.seed, workers=True, verbose=False)
         return build_module(
             self, datamodule if datamodule is not None else self.build_datamodule()
         )

@@ -157,6 +157,10 @@ def _walk_sites(
     for path, rank in order:
         module = modules[path]
         family = _weight_family(module)
+        if family == "flatten":
+            # Flattening ends a conv stack; before any weight layer it changes nothing.
+            last = "dense" if last == "conv" else last
+            continue
         if family is not None:
             last = family
             if isinstance(module, nn.RNNBase):
