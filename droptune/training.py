@@ -11,6 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import EarlyStopping
+from pytorch_lightning.utilities.model_helpers import is_overridden
 import torch
 from torch import nn
 
@@ -154,7 +155,8 @@ def fit(
     """Seed, build data + module + trainer from ``config``, fit, and evaluate.
 
     ``metrics`` holds the final epoch's ``train_*``/``val_*`` values, ``best_<monitor>`` over all
-    epochs and, with ``test``, the ``test_*`` metrics of the final weights.
+    epochs and, with ``test``, the ``test_*`` metrics of the final weights (when the data has a
+    test split and the module a ``test_step``: a user's module may have none).
     """
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
@@ -170,7 +172,7 @@ def fit(
     metrics = _scalars(trainer.callback_metrics)
     if tracker.best is not None:
         metrics[f"best_{monitor}"] = tracker.best
-    if test and _has_test_data(datamodule):
+    if test and is_overridden("test_step", module) and _has_test_data(datamodule):
         tested = trainer.test(module, datamodule=datamodule, verbose=False)
         if tested:
             metrics.update(_scalars(tested[0]))

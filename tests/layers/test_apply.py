@@ -727,6 +727,6 @@ def test_rnn_with_a_foreign_parametrization_is_not_swapped() -> None:
 def test_dropout_after_a_leading_flatten_is_the_input_site() -> None:
     # Flatten before any weight layer does not make the next dropout a hidden one.
     net = nn.Sequential(nn.Flatten(), nn.Dropout(0.0), nn.Linear(16, 8), nn.Dropout(0.0))
-    _, report = apply(net, {"dropout": {"input_rate": 0.1, "hidden_rate": 0.4}})
+    _, report = droptune.apply(net, {"dropout": {"input_rate": 0.1, "hidden_rate": 0.4}})
     assert [(c.path, c.site) for c in report] == [("1", "input"), ("3", "hidden")]
     assert net[1].p == 0.1 and net[3].p == 0.4
