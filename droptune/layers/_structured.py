@@ -234,6 +234,10 @@ class DropoutEmbedding(nn.Embedding):
             _weight=embedding.weight,
             _freeze=not embedding.weight.requires_grad,
         )
+        # nn.Embedding wraps ``_weight`` in a *new* Parameter (same storage, other object): keep
+        # the original one, so tied weights (decoder.weight = embedding.weight) stay one
+        # parameter through .to(dtype/device) and optimizers built before the swap still see it.
+        new.weight = embedding.weight
         new.train(embedding.training)
         return new
 

@@ -647,6 +647,20 @@ def test_dropout_embedding_from_embedding_shares_the_weight() -> None:
     assert torch.equal(ours.eval()(ids), plain(ids))
 
 
+def test_dropout_embedding_from_embedding_keeps_weight_tying() -> None:
+    # AWD-LSTM style tying: decoder.weight = embedding.weight must stay one parameter
+    plain = nn.Embedding(12, 3)
+    decoder = nn.Linear(3, 12, bias=False)
+    decoder.weight = plain.weight
+    model = nn.ModuleDict({"emb": DropoutEmbedding.from_embedding(plain, 0.2), "dec": decoder})
+    assert len(list(model.parameters())) == 1
+    model.to(torch.float64)
+    with torch.no_grad():
+        model["emb"].weight.zero_()
+    assert decoder.weight.dtype == torch.float64
+    assert torch.equal(decoder.weight, torch.zeros(12, 3, dtype=torch.float64))
+
+
 def test_dropout_embedding_gradient_reaches_the_weight() -> None:
     torch.manual_seed(26)
     emb = DropoutEmbedding(20, 4, p=0.5)

@@ -123,6 +123,18 @@ def test_each_member_uses_its_own_rate(kind: str) -> None:
             assert_fraction(int(dropped.sum()), n, p, f"{kind} member {i}")
 
 
+@pytest.mark.parametrize("member_shape", [(50, 40, 3, 4), (50, 40, 2, 2, 3)], ids=["2d", "3d"])
+def test_spatial_population_on_2d_and_3d_maps(member_shape: tuple[int, ...]) -> None:
+    torch.manual_seed(111)
+    rates = [0.0, 0.4]
+    x = positive((2, *member_shape))
+    y = SpatialDropout(torch.tensor(rates))(x)
+    assert torch.equal(y[0], x[0])
+    dropped, n = units_dropped("spatial", y[1], x[1], 0.4)
+    # σ = sqrt(p(1-p)/n), n = N·C channels of member 1
+    assert_fraction(int(dropped.sum()), n, 0.4, "spatial member 1")
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_variational_population_shares_the_mask_over_time(batch_first: bool) -> None:
     torch.manual_seed(101)
