@@ -1,0 +1,242 @@
+"""MLflow runs for studies and trials: one experiment per study, one parent run per study, one
+child run per trial (tag ``mlflow.parentRunId``, run name ``trial-<number>``).
+
+Built on :class:`mlflow.MlflowClient`, not the fluent API (no process-global active run, so a
+worker can track many trials and several stores) and not optuna-integration's deprecated
+``MLflowCallback``. Each trial costs three tracking calls: ``create_run`` when it starts (the UI
+shows it RUNNING), one ``log_batch`` with every param, tag and per-epoch metric when it ends,
+and ``set_terminated`` with the status mapped from Optuna's state.
+
+Tracking never stops a trial: a failure is logged once per trial and recorded on the trial
+(``droptune.tracking_error``); ``droptune sync`` back-fills the missing runs later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+import time
+from typing import Any
+
+from droptune.exceptions import TrackingError
+from droptune.storage import mask_url
+
+
+__all__ = ["STATUS_BY_STATE", "Tracker", "default_tracking_uri", "flatten"]
+
+log = logging.getLogger(__name__)
+
+#: Optuna trial state → MLflow run status.
+STATUS_BY_STATE = {
+    "COMPLETE": "FINISHED",
+    "PRUNED": "KILLED",
+    "FAIL": "FAILED",
+    "RUNNING": "RUNNING",
+    "WAITING": "SCHEDULED",
+}
+
+RUN_ID_ATTR = "droptune.mlflow_run_id"
+PARENT_ATTR = "droptune.mlflow_parent_run_id"
+ERROR_ATTR = "droptune.tracking_error"
+
+_MAX_PARAM = 6000  # MLflow's param value limit is 6000 characters
+
+
+def default_tracking_uri(study_name: str, root: Path = Path("runs")) -> str:
+    """``sqlite:///runs/<study>/mlflow.db`` (its artifacts go to ``runs/<study>/mlartifacts``)."""
+    return f"sqlite:///{root / study_name / 'mlflow.db'}"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _quick_failures() -> None:
+    """A dead tracking server must cost seconds, not MLflow's minutes of retries."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+class Tracker:
+    """Mirror a study's trials into MLflow.
+
+    Args:
+        uri: Tracking URI: ``sqlite:///...``, ``postgresql://...`` or ``http://host:port``.
+        study_name: The study (and, unless ``experiment`` is given, the experiment name).
+        experiment: Experiment name override.
+        artifact_root: Artifact location for a new experiment on a local store.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        study_name: str,
+        experiment: str | None = None,
+        artifact_root: str | None = None,
+    ) -> None:
+        _quick_failures()
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.study_name = study_name
+        self.experiment_name = experiment or study_name
+        self.artifact_root = artifact_root
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=uri)
+        self._experiment_id: str | None = None
+
+    @property
+    def masked_uri(self) -> str:
+        return mask_url(self.uri)
+
+    def experiment_id(self) -> str:
+        """The study's experiment, created on first use."""
+        if self._experiment_id is None:
+            try:
+                found = self.client.get_experiment_by_name(self.experiment_name)
+                if found is not None:
+                    self._experiment_id = found.experiment_id
+                else:
+                    self._experiment_id = self._create_experiment()
+            except TrackingError:
+                raise
+            except Exception as exc:
+                raise TrackingError(
+                    f"MLflow at {self.masked_uri} is unreachable: {_short(exc, self.uri)}"
+                ) from None
+        return self._experiment_id
+
+    def _create_experiment(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        location = self.artifact_root
+        if location is None and self.uri.startswith("sqlite:///"):
+            db = Path(self.uri.removeprefix("sqlite:///"))
+            location = (db.parent / "mlartifacts").resolve().as_uri()
+        try:
+            return str(
+                self.client.create_experiment(self.experiment_name, artifact_location=location)
+            )
+        except MlflowException:
+            # Another worker created it first.
+            found = self.client.get_experiment_by_name(self.experiment_name)
+            if found is None:
+                raise
+            return str(found.experiment_id)
+
+    def create_parent_run(self, tags: dict[str, str]) -> str:
+        """A new parent run for the study (the caller makes sure only one is created)."""
+        run = self.client.create_run(
+            self.experiment_id(),
+            run_name=self.study_name,
+            tags={"droptune.study": self.study_name, "droptune.role": "study", **tags},
+        )
+        return str(run.info.run_id)
+
+    def start_trial_run(self, parent_run_id: str, trial_number: int, tags: dict[str, str]) -> str:
+        """Create the trial's child run, RUNNING."""
+        run = self.client.create_run(
+            self.experiment_id(),
+            run_name=f"trial-{trial_number}",
+            tags={
+                "mlflow.parentRunId": parent_run_id,
+                "droptune.study": self.study_name,
+                "droptune.trial_number": str(trial_number),
+                "droptune.role": "trial",
+                "optuna.state": "RUNNING",
+                **tags,
+            },
+        )
+        return str(run.info.run_id)
+
+    def finish_trial_run(
+        self,
+        run_id: str,
+        *,
+        state: str,
+        params: dict[str, Any],
+        history: list[dict[str, float]],
+        tags: dict[str, str],
+        error: str | None = None,
+    ) -> None:
+        """Log everything about the ended trial in one batch and set the run's final status."""
+        from mlflow.entities import Metric
+        from mlflow.entities import Param
+        from mlflow.entities import RunTag
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(value), now, step)
+            for step, row in enumerate(history)
+            for key, value in row.items()
+            if _finite(value)
+        ]
+        param_list = [Param(key, _param_value(value)) for key, value in params.items()]
+        all_tags = {**tags, "optuna.state": state}
+        if error:
+            all_tags["droptune.error"] = error[:5000]
+        tag_list = [RunTag(key, str(value)) for key, value in all_tags.items()]
+        # MLflow caps one batch at 1000 metrics, 100 params, 100 tags.
+        for start in range(0, max(len(metrics), 1), 1000):
+            chunk = metrics[start : start + 1000]
+            first = start == 0
+            self.client.log_batch(
+                run_id,
+                metrics=chunk,
+                params=param_list[:100] if first else [],
+                tags=tag_list if first else [],
+                synchronous=True,
+            )
+        for start in range(100, len(param_list), 100):
+            self.client.log_batch(run_id, params=param_list[start : start + 100], synchronous=True)
+        self.client.set_terminated(run_id, status=STATUS_BY_STATE.get(state, "FAILED"))
+
+    def terminate(self, run_id: str, state: str, error: str | None = None) -> None:
+        """Set a run's final status (used for reaped trials whose worker died)."""
+        tags = {"optuna.state": state}
+        if error:
+            tags["droptune.error"] = error[:5000]
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+        self.client.set_terminated(run_id, status=STATUS_BY_STATE.get(state, "FAILED"))
+
+    def child_runs(self, parent_run_id: str) -> list[Any]:
+        """The trial runs under a parent run."""
+        return list(
+            self.client.search_runs(
+                [self.experiment_id()],
+                filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                max_results=50000,
+            )
+        )
+
+
+def _finite(value: Any) -> bool:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return number == number and number not in (float("inf"), float("-inf"))
+
+
+def _param_value(value: Any) -> str:
+    text = "null" if value is None else str(value)
+    if "://" in text:
+        text = mask_url(text)
+    return text[:_MAX_PARAM]
+
+
+def _short(exc: BaseException, uri: str) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text.replace(uri, mask_url(uri))[:300]

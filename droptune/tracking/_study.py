@@ -1,0 +1,285 @@
+"""Glue between an Optuna study and its MLflow runs, as used by workers, ``run`` and ``sync``.
+
+The parent run is created exactly once per study, whichever worker or machine gets there first:
+creators race on a primary-key insert into a small ``droptune_meta`` table in the study's own
+database; the winner creates the run and records its id (also as the study's user attribute
+``droptune.mlflow_parent_run_id``), the others wait for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+from typing import Any
+
+import sqlalchemy as sa
+
+from droptune.storage import engine_kwargs
+from droptune.storage import mask_url
+from droptune.tracking._client import ERROR_ATTR
+from droptune.tracking._client import PARENT_ATTR
+from droptune.tracking._client import RUN_ID_ATTR
+from droptune.tracking._client import Tracker
+from droptune.tracking._client import default_tracking_uri
+from droptune.tracking._client import flatten
+
+
+if TYPE_CHECKING:
+    import optuna
+
+    from droptune.study.spec import StudySpec
+
+__all__ = ["HISTORY_ATTR", "StudyTracking", "tracking_uri"]
+
+log = logging.getLogger(__name__)
+
+HISTORY_ATTR = "droptune.history"
+
+_metadata = sa.MetaData()
+_meta = sa.Table(
+    "droptune_meta",
+    _metadata,
+    sa.Column("study_name", sa.String(512), primary_key=True),
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("value", sa.String(2048), nullable=True),
+)
+
+
+def tracking_uri(spec: StudySpec, study_name: str) -> str:
+    """Spec ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the study's local SQLite."""
+    return (
+        spec.tracking.uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or default_tracking_uri(study_name)
+    )
+
+
+def _claim_once(
+    storage_url: str, study_name: str, key: str, create: Any, timeout: float = 60.0
+) -> str:
+    """Run ``create()`` in exactly one process per (study, key) and return its value."""
+    engine = sa.create_engine(storage_url, **engine_kwargs(storage_url))
+    try:
+        _metadata.create_all(engine, checkfirst=True)
+        where = (_meta.c.study_name == study_name) & (_meta.c.key == key)
+        try:
+            with engine.begin() as conn:
+                conn.execute(_meta.insert().values(study_name=study_name, key=key, value=None))
+            won = True
+        except sa.exc.IntegrityError:
+            won = False
+        if won:
+            try:
+                value = str(create())
+            except BaseException:
+                with engine.begin() as conn:  # let another process try again
+                    conn.execute(_meta.delete().where(where & _meta.c.value.is_(None)))
+                raise
+            with engine.begin() as conn:
+                conn.execute(_meta.update().where(where).values(value=value))
+            return value
+        deadline = time.time() + timeout
+        while True:
+            with engine.begin() as conn:
+                row = conn.execute(sa.select(_meta.c.value).where(where)).first()
+            if row is None:  # the winner failed and withdrew: take over
+                return _claim_once(storage_url, study_name, key, create, timeout)
+            if row.value is not None:
+                return str(row.value)
+            if time.time() > deadline:
+                raise TimeoutError(f"waited {timeout:.0f}s for another worker to create {key}")
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+
+
+class StudyTracking:
+    """MLflow tracking for one study: the parent run, one child run per trial.
+
+    Every method swallows tracking failures after logging them (once per trial) and recording
+    them on the trial, so that a dead tracking server never fails a trial.
+    """
+
+    def __init__(
+        self, spec: StudySpec, study_name: str, storage_url: str, uri: str | None = None
+    ) -> None:
+        import droptune
+
+        self.enabled = spec.tracking.enabled
+        self.study_name = study_name
+        self.storage_url = storage_url
+        self.uri = uri or tracking_uri(spec, study_name)
+        self.experiment = spec.tracking.experiment
+        self.version = droptune.__version__
+        self._tracker: Tracker | None = None
+        self._parent: str | None = None
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker(self.uri, self.study_name, self.experiment)
+        return self._tracker
+
+    def parent_run_id(self, study: optuna.Study) -> str:
+        """The study's parent run id, creating the run (once) if needed."""
+        if self._parent is None:
+            known = study.user_attrs.get(PARENT_ATTR)
+            if known:
+                self._parent = str(known)
+            else:
+                tags = {
+                    "droptune.version": self.version,
+                    "droptune.storage": mask_url(self.storage_url),
+                    "optuna.directions": ",".join(d.name.lower() for d in study.directions),
+                }
+                self._parent = _claim_once(
+                    self.storage_url,
+                    self.study_name,
+                    "mlflow_parent_run_id",
+                    lambda: self.tracker.create_parent_run(tags),
+                )
+                study.set_user_attr(PARENT_ATTR, self._parent)
+                study.set_user_attr("droptune.mlflow_experiment_id", self.tracker.experiment_id())
+                study.set_user_attr("droptune.mlflow_tracking_uri", mask_url(self.uri))
+        return self._parent
+
+    def _record_error(self, trial: Any, exc: BaseException, what: str) -> None:
+        message = f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        message = message.replace(self.uri, mask_url(self.uri))[:1000]
+        log.warning(
+            "trial %s: MLflow tracking failed (%s); `droptune sync` back-fills the run "
+            "once the server is back",
+            getattr(trial, "number", "?"),
+            message,
+        )
+        with contextlib.suppress(Exception):  # never let bookkeeping fail the trial
+            trial.set_user_attr(ERROR_ATTR, message)
+
+    def trial_started(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        """Create the trial's RUNNING child run and link it both ways."""
+        if not self.enabled:
+            return
+        try:
+            parent = self.parent_run_id(study)
+            run_id = self.tracker.start_trial_run(
+                parent,
+                trial.number,
+                {
+                    "droptune.version": self.version,
+                    "droptune.seed": str(trial.user_attrs.get("droptune.seed", "")),
+                    "droptune.device": str(trial.user_attrs.get("droptune.device", "")),
+                    "droptune.worker": str(trial.user_attrs.get("droptune.worker", "")),
+                },
+            )
+            trial.set_user_attr(RUN_ID_ATTR, run_id)
+        except Exception as exc:
+            self._record_error(trial, exc, "start")
+
+    def trial_finished(
+        self,
+        study: optuna.Study,
+        frozen: optuna.trial.FrozenTrial,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        """Log params, per-epoch metrics and tags, and end the run with the mapped status.
+        Creates the run here if its start was not tracked (e.g. the server came back)."""
+        if not self.enabled:
+            return
+        try:
+            self.log_trial(study, frozen, config)
+        except Exception as exc:
+            self._record_error(_TrialAttrs(study, frozen), exc, "finish")
+
+    def log_trial(
+        self,
+        study: optuna.Study,
+        frozen: optuna.trial.FrozenTrial,
+        config: dict[str, Any] | None = None,
+        run_id: str | None = None,
+        new_run: bool = False,
+    ) -> str:
+        """Write (or complete) the run of one ended trial; returns its run id.
+
+        ``run_id`` names the run to complete; by default the trial's own, and a new one when
+        the trial has none (its start was not tracked) or ``new_run`` is set."""
+        parent = self.parent_run_id(study)
+        run_id = None if new_run else (run_id or frozen.user_attrs.get(RUN_ID_ATTR))
+        if not run_id:
+            run_id = self.tracker.start_trial_run(
+                parent,
+                frozen.number,
+                {"droptune.version": self.version, "droptune.backfilled": "true"},
+            )
+            study._storage.set_trial_user_attr(frozen._trial_id, RUN_ID_ATTR, run_id)
+        params: dict[str, Any] = dict(frozen.params)
+        if config is None:
+            config = frozen.user_attrs.get("droptune.config")
+        if isinstance(config, dict):
+            params.update({f"config.{k}": v for k, v in flatten(config).items()})
+        history = list(frozen.user_attrs.get(HISTORY_ATTR) or [])
+        if not history and frozen.intermediate_values:
+            metric = str(study.user_attrs.get("droptune.metric", "objective"))
+            history = [{metric: v} for _, v in sorted(frozen.intermediate_values.items())]
+        tags = {
+            "droptune.seed": str(frozen.user_attrs.get("droptune.seed", "")),
+            "droptune.device": str(frozen.user_attrs.get("droptune.device", "")),
+            "droptune.worker": str(frozen.user_attrs.get("droptune.worker", "")),
+            "droptune.epochs": str(frozen.user_attrs.get("droptune.epochs", "")),
+            "optuna.trial_number": str(frozen.number),
+        }
+        if frozen.values is not None:
+            tags["optuna.values"] = ",".join(f"{v:.6g}" for v in frozen.values)
+        self.tracker.finish_trial_run(
+            str(run_id),
+            state=frozen.state.name,
+            params=params,
+            history=history,
+            tags=tags,
+            error=frozen.user_attrs.get("droptune.fail_reason"),
+        )
+        return str(run_id)
+
+    def terminate_reaped(self, trials: list[optuna.trial.FrozenTrial], reason: str) -> None:
+        """End the runs of trials failed on behalf of a dead worker (no run stays RUNNING)."""
+        if not self.enabled:
+            return
+        for frozen in trials:
+            run_id = frozen.user_attrs.get(RUN_ID_ATTR)
+            if not run_id:
+                continue
+            try:
+                self.tracker.terminate(str(run_id), "FAIL", reason)
+            except Exception as exc:
+                log.warning(
+                    "could not end MLflow run %s of trial %d: %s", run_id, frozen.number, exc
+                )
+
+    def forget_parent(self, study: optuna.Study) -> None:
+        """Drop the recorded parent run (it does not exist on this tracking server)."""
+        engine = sa.create_engine(self.storage_url, **engine_kwargs(self.storage_url))
+        try:
+            _metadata.create_all(engine, checkfirst=True)
+            with engine.begin() as conn:
+                conn.execute(
+                    _meta.delete().where(
+                        (_meta.c.study_name == self.study_name)
+                        & (_meta.c.key == "mlflow_parent_run_id")
+                    )
+                )
+        finally:
+            engine.dispose()
+        study.set_user_attr(PARENT_ATTR, "")
+        self._parent = None
+
+
+class _TrialAttrs:
+    """set_user_attr on a FrozenTrial, through the storage."""
+
+    def __init__(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        self.study, self.frozen, self.number = study, frozen, frozen.number
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self.study._storage.set_trial_user_attr(self.frozen._trial_id, key, value)
