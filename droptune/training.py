@@ -178,9 +178,21 @@ def fit(
             metrics.update(_scalars(tested[0]))
     if checkpoint is not None:
         trainer.save_checkpoint(str(checkpoint))
+    return FitResult(
+        config, module, trainer, metrics, trainer.current_epoch, _stopped_early(trainer)
+    )
+
+
+def _stopped_early(trainer: pl.Trainer) -> bool:
+    """Whether early stopping ended the run, including at the first epoch (a non-finite metric
+    there leaves ``stopped_epoch`` at 0, indistinguishable from "never stopped")."""
     stopper = trainer.early_stopping_callback
-    stopped = bool(stopper is not None and stopper.stopped_epoch > 0)
-    return FitResult(config, module, trainer, metrics, trainer.current_epoch, stopped)
+    if stopper is None:
+        return False
+    reason = getattr(stopper, "stopping_reason", None)  # Lightning >= 2.5
+    if reason is not None:
+        return bool(reason.name != "NOT_STOPPED")
+    return stopper.stopped_epoch > 0 or bool(trainer.should_stop)
 
 
 def _has_test_data(datamodule: pl.LightningDataModule) -> bool:
