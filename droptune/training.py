@@ -47,8 +47,10 @@ class RegularizationCallback(pl.Callback):
         l2 = self.reg.l2
         if l2.strength == 0:
             return None
-        user = bool(getattr(module, "_droptune_owns_l2", False)) or type(module).__name__ == (
-            "PlainModuleWrapper"
+        from droptune.models import PlainModuleWrapper
+
+        user = isinstance(module, PlainModuleWrapper) or bool(
+            getattr(module, "_droptune_owns_l2", False)
         )
         if l2.mode == "coupled":
             return "coupled" if user else None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -32,6 +34,10 @@ _AUTO_LAYOUT = {"mlp": "vector", "rnn": "sequence", "transformer": "sequence", "
 def import_object(path: str, field: str) -> Any:
     """Import ``package.module:Attr``; a failure is a ConfigError naming ``field``."""
     module_name, _, attr = path.partition(":")
+    # Like uvicorn/celery: the working directory is importable, so `examples.user_model:Net`
+    # works from the console script too (Python adds the cwd only for `python -m`).
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):
@@ -100,8 +106,6 @@ def build_datamodule(config: TrainConfig) -> pl.LightningDataModule:
         x, y = load_digits()
     elif data.name == "mnist1d":
         (x, y), test = load_mnist1d()
-        mean, std = x.mean(), x.std()
-        x, test = (x - mean) / std, ((test[0] - mean) / std, test[1])
     elif data.name == "synthetic":
         x, y = make_synthetic(
             data.n_samples,
@@ -121,9 +125,15 @@ def build_datamodule(config: TrainConfig) -> pl.LightningDataModule:
     if data.train_subset is not None:
         train_idx = train_idx[: data.train_subset]
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
-    if data.name == "csv":  # standardize features with training statistics
+    # Standardize with training-split statistics only (never validation or test).
+    if data.name == "csv":  # per column: columns have their own units
         mean, std = xt[train_idx].mean(0), xt[train_idx].std(0).clamp(min=1e-8)
         xt = (xt - mean) / std
+    elif data.name == "mnist1d":  # one scale: the 40 positions are one signal
+        mean, std = xt[train_idx].mean(), xt[train_idx].std()
+        xt = (xt - mean) / std
+        assert test is not None
+        test = (((test[0] - mean.item()) / std.item()).astype(np.float32), test[1])
     xt = torch.from_numpy(np.ascontiguousarray(_shape(xt.numpy(), layout, data.name)))
     splits = {"train": (xt[train_idx], yt[train_idx]), "val": (xt[val_idx], yt[val_idx])}
     if test is not None:
