@@ -30,12 +30,14 @@ def _configs(spec: Path, epochs: int | None) -> dict[str, TrainConfig]:
     tuned = TrainConfig.from_dict({k: v for k, v in raw.items() if k not in SPEC_ONLY_SECTIONS})
     if epochs is not None:
         tuned = tuned.with_overrides({"train.max_epochs": epochs})
-    plain = tuned.with_overrides({
-        "regularization.dropout.kind": "none",
-        "regularization.l2.strength": 0.0,
-        "regularization.max_norm": None,
-        "regularization.early_stopping.patience": None,
-    })
+    plain = tuned.with_overrides(
+        {
+            "regularization.dropout.kind": "none",
+            "regularization.l2.strength": 0.0,
+            "regularization.max_norm": None,
+            "regularization.early_stopping.patience": None,
+        }
+    )
     return {"no regularization": plain, "dropout + L2 + early stopping": tuned}
 
 
@@ -50,8 +52,12 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     results: dict[str, dict[str, list[float]]] = {}
     for label, cfg in _configs(args.spec, args.epochs).items():
-        rows: dict[str, list[float]] = {"test_acc": [], "train_acc": [], "epochs": [],
-                                        "seconds": []}
+        rows: dict[str, list[float]] = {
+            "test_acc": [],
+            "train_acc": [],
+            "epochs": [],
+            "seconds": [],
+        }
         for seed in range(args.seeds):
             start = time.perf_counter()
             result = fit(cfg.with_overrides({"train.seed": seed}))
@@ -59,16 +65,22 @@ def main() -> None:
             rows["train_acc"].append(result.metrics.get("train_acc", float("nan")))
             rows["epochs"].append(result.epochs)
             rows["seconds"].append(time.perf_counter() - start)
-            print(f"{label:32s} seed {seed}: test_acc {result.metrics['test_acc']:.4f} "
-                  f"train_acc {rows['train_acc'][-1]:.4f} epochs {result.epochs}", flush=True)
+            print(
+                f"{label:32s} seed {seed}: test_acc {result.metrics['test_acc']:.4f} "
+                f"train_acc {rows['train_acc'][-1]:.4f} epochs {result.epochs}",
+                flush=True,
+            )
         results[label] = rows
     print()
     print(f"{'config':32s} {'test acc (mean ± std)':>24s} {'train acc':>10s} {'epochs':>7s}")
     for label, rows in results.items():
         acc = rows["test_acc"]
         spread = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        print(f"{label:32s} {statistics.mean(acc):>15.4f} ± {spread:.4f} "
-              f"{statistics.mean(rows['train_acc']):>10.4f} {statistics.mean(rows['epochs']):>7.1f}")
+        train_acc, epochs = statistics.mean(rows["train_acc"]), statistics.mean(rows["epochs"])
+        print(
+            f"{label:32s} {statistics.mean(acc):>15.4f} ± {spread:.4f} "
+            f"{train_acc:>10.4f} {epochs:>7.1f}"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

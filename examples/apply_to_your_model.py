@@ -51,9 +51,7 @@ def main() -> None:
     model, report = droptune.apply(MyNet(), regularization, example_input=x[:2])
     print(report)
 
-    optimizer = torch.optim.AdamW(
-        droptune.param_groups(model, regularization.l2), lr=3e-3
-    )
+    optimizer = torch.optim.AdamW(droptune.param_groups(model, regularization.l2), lr=3e-3)
     for epoch in range(5):
         model.train()
         for idx in torch.randperm(len(x_train)).split(64):
@@ -69,8 +67,8 @@ def main() -> None:
         print(f"epoch {epoch}: val_acc={accuracy:.3f}")
 
     mean, var = mc_predict(model, x_val[:5], samples=30, transform=lambda z: z.softmax(-1))
-    print("MC-dropout predictive std of the predicted class:",
-          [round(v, 3) for v in var.gather(1, mean.argmax(1, keepdim=True)).sqrt().flatten().tolist()])
+    std = var.gather(1, mean.argmax(1, keepdim=True)).sqrt().flatten()
+    print("MC-dropout predictive std of the predicted class:", [round(v, 3) for v in std.tolist()])
 
 
 if __name__ == "__main__":

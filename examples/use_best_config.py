@@ -26,13 +26,14 @@ import droptune
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from user_model import UserNet  # noqa: E402  (the user's own module, next to this file)
+from user_model import UserNet
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("config", nargs="?", type=Path,
-                        default=Path(__file__).with_name("best-digits-mlp.yaml"))
+    parser.add_argument(
+        "config", nargs="?", type=Path, default=Path(__file__).with_name("best-digits-mlp.yaml")
+    )
     parser.add_argument("--study", default=None)
     parser.add_argument("--storage", default=None)
     parser.add_argument("--max-epochs", type=int, default=5)

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 class UserNet(pl.LightningModule):
     """A small MLP classifier written the way users write them."""
 
-    def __init__(self, in_features: int = 64, hidden: int = 128, classes: int = 10,
-                 lr: float = 1e-3) -> None:
+    def __init__(
+        self, in_features: int = 64, hidden: int = 128, classes: int = 10, lr: float = 1e-3
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.body = nn.Sequential(
@@ -39,8 +40,9 @@ class UserNet(pl.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True)
-        self.log(f"{stage}_acc", (logits.argmax(-1) == y).float().mean(), on_step=False,
-                 on_epoch=True)
+        self.log(
+            f"{stage}_acc", (logits.argmax(-1) == y).float().mean(), on_step=False, on_epoch=True
+        )
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
