@@ -287,6 +287,7 @@ def status(
     from droptune.storage import open_storage
     from droptune.study.runner import counts_by_state
     from droptune.study.runner import reap_trials
+    from droptune.study.runner import with_heartbeat
 
     url = _require_storage(storage)
     names = (
@@ -295,7 +296,7 @@ def status(
         else [s.study_name for s in optuna.get_all_study_summaries(open_storage(url))]
     )
     for name in names:
-        opened = load_study(name, url)
+        opened = with_heartbeat(load_study(name, url), url)
         reaped = reap_trials(opened)
         counts = counts_by_state(opened)
         typer.echo(
@@ -394,9 +395,11 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; map DroptuneError to exit 2 and other failures to exit 1."""
+    """Run the CLI; map DroptuneError to exit 2, Ctrl-C to 130 and other failures to exit 1."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode, click returns the code of a `typer.Exit(code)` instead of
+        # raising SystemExit: it is the command's exit code.
+        code = app(args=argv, standalone_mode=False)
     except DroptuneError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
@@ -412,11 +415,15 @@ def main(argv: list[str] | None = None) -> int:
             show()
             return int(exc.exit_code)  # type: ignore[attr-defined]
         if type(exc).__name__ == "Abort":
+            # click turns Ctrl-C (KeyboardInterrupt) into Abort.
+            if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+                typer.echo("interrupted", err=True)
+                return 130
             return 1
         logging.getLogger("droptune").exception("droptune failed")
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
   directory created on demand. Measured here: 8 processes × 50 trials finish with no
   "database is locked".
 * PostgreSQL: ``pool_pre_ping`` so a worker reconnects after a server restart.
+* Workers started together on a fresh database race to create Optuna's tables; the losers
+  retry instead of failing as "unreachable".
 * Heartbeats: a worker killed mid-trial leaves its trial RUNNING until the grace period has
   passed; then any worker (or ``droptune status``) marks it FAIL, and the retry callback enqueues
   the same parameters once more.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 import sqlite3
+import time
 from typing import Any
 import warnings
 
@@ -21,7 +24,14 @@ from droptune.exceptions import SpecError
 from droptune.exceptions import StorageError
 
 
-__all__ = ["check_url", "default_url", "engine_kwargs", "mask_url", "open_storage"]
+__all__ = [
+    "check_url",
+    "creation_race",
+    "default_url",
+    "engine_kwargs",
+    "mask_url",
+    "open_storage",
+]
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +119,33 @@ def open_storage(
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if heartbeat_interval is not None and retry_stale:
         callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs(url),
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=callback,
-        )
-    except Exception as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise StorageError(
-            f"storage {mask_url(url)!r} is unreachable: {message.replace(url, mask_url(url))}"
-        ) from None
+    for attempt in range(_CREATE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs(url),
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=callback,
+            )
+        except Exception as exc:
+            if creation_race(exc) and attempt + 1 < _CREATE_ATTEMPTS:
+                # Another process is creating the same tables (workers started together on a
+                # fresh database): once it is done, opening succeeds.
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StorageError(
+                f"storage {mask_url(url)!r} is unreachable: {message.replace(url, mask_url(url))}"
+            ) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_CREATE_ATTEMPTS = 5
+_RACE_MARKERS = ("already exists", "duplicate key", "unique constraint")
+
+
+def creation_race(exc: BaseException) -> bool:
+    """Whether ``exc`` is another process winning a race to create the same table or row."""
+    text = str(exc).lower()
+    return any(marker in text for marker in _RACE_MARKERS)

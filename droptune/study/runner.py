@@ -14,6 +14,7 @@ from pathlib import Path
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 import uuid
@@ -30,7 +31,14 @@ from droptune.study.slots import Slots
 from droptune.study.spec import StudySpec
 
 
-__all__ = ["RunSummary", "create_study", "plan_workers", "reap_trials", "run_study"]
+__all__ = [
+    "RunSummary",
+    "create_study",
+    "plan_workers",
+    "reap_trials",
+    "run_study",
+    "with_heartbeat",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +65,13 @@ def create_study(
     """Create the study (or load it to resume), record the spec on it, and size its slots."""
     import droptune
 
-    storage = open_storage(storage_url)
+    # With the spec's heartbeat settings, so that reap_trials() can fail (and retry) trials
+    # whose worker died, as the workers do.
+    storage = open_storage(
+        storage_url,
+        heartbeat_interval=spec.execution.heartbeat_interval,
+        grace_period=spec.execution.grace_period,
+    )
     directions = spec.study.study_directions
     study = optuna.create_study(
         storage=storage,
@@ -140,6 +154,7 @@ def reap_trials(
 
     failed = 0
     storage = study._storage
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     if owner_prefix is not None:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if str(trial.user_attrs.get("droptune.worker", "")).startswith(owner_prefix):
@@ -147,10 +162,27 @@ def reap_trials(
                 if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
                     failed += 1
     try:
-        failed += len(optuna.storages.fail_stale_trials(study) or [])
+        optuna.storages.fail_stale_trials(study)  # returns None: count what it failed
     except Exception as exc:  # storages without heartbeat support
         log.debug("fail_stale_trials: %s", exc)
-    return failed
+        return failed
+    now_failed = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    return max(failed, len(running & now_failed))
+
+
+def with_heartbeat(study: optuna.Study, url: str) -> optuna.Study:
+    """``study`` through a storage with the heartbeat settings of its spec, so that trials whose
+    worker died can be failed (and retried) from here; ``study`` itself when it has none."""
+    execution = (study.user_attrs.get(SPEC_ATTR) or {}).get("execution") or {}
+    interval = execution.get("heartbeat_interval")
+    if not interval:
+        return study
+    storage = open_storage(
+        url,
+        heartbeat_interval=int(interval),
+        grace_period=int(execution.get("grace_period") or 2 * int(interval)),
+    )
+    return optuna.load_study(study_name=study.study_name, storage=storage)
 
 
 def _best(study: optuna.Study) -> tuple[Any, dict[str, Any] | None]:
@@ -192,8 +224,80 @@ def run_study(
     )
     deadline_s = timeout or spec.timeout
     deadline = time.time() + deadline_s if deadline_s else None
+    if spec.base.train.num_threads is not None:
+        # The spec's own thread count: what the exported best config will train with too.
+        for entry in plan:
+            entry["overrides"].pop("train.num_threads", None)
     prefix = f"run-{uuid.uuid4().hex[:8]}"
     procs: list[subprocess.Popen[bytes]] = []
+    interrupted = False
+    restore = _sigterm_as_interrupt()
+    try:
+        _start_workers(procs, plan, spec_path, url, name, prefix, total, deadline, graceful)
+        _watch(study, procs, total, progress)
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted: stopping %d workers", len(procs))
+        # Workers fail their running trial on SIGTERM; with graceful they get SIGINT, which
+        # they take as "finish the running trial" (also when a terminal's Ctrl-C reached them
+        # a moment ago).
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT if graceful else signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=120 if graceful else 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    finally:
+        restore()
+    codes = [proc.wait() for proc in procs]
+    reap_trials(
+        study,
+        owner_prefix=prefix,
+        reason="droptune run was interrupted" if interrupted else "worker exited",
+    )
+    counts = counts_by_state(study)
+    slots = Slots(url, name)
+    try:
+        states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+        finished = slots.finished(states)
+    finally:
+        slots.close()
+    best_value, best_params = _best(study)
+    return RunSummary(
+        name, mask_url(url), counts, best_value, best_params, interrupted, finished, codes
+    )
+
+
+def _sigterm_as_interrupt() -> Any:
+    """Treat SIGTERM like Ctrl-C while workers run (stop them, fail their trials, exit 130);
+    by default SIGTERM would end ``run`` at once and leave its workers running. Returns the
+    function that restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _start_workers(
+    procs: list[subprocess.Popen[bytes]],
+    plan: list[dict[str, Any]],
+    spec_path: Path,
+    url: str,
+    name: str,
+    prefix: str,
+    total: int,
+    deadline: float | None,
+    graceful: bool,
+) -> None:
+    """Start one ``droptune worker`` process per plan entry (appended to ``procs`` as they
+    start, so that an interruption meanwhile stops those already running)."""
     for index, entry in enumerate(plan):
         cmd = [
             sys.executable,
@@ -220,38 +324,6 @@ def run_study(
             cmd += ["--set", f"{key}={value}"]
         env = {**os.environ, **entry["env"], "PYTHONUNBUFFERED": "1"}
         procs.append(subprocess.Popen(cmd, env=env))
-    interrupted = False
-    try:
-        _watch(study, procs, total, progress)
-    except KeyboardInterrupt:
-        interrupted = True
-        log.warning("interrupted: stopping %d workers", len(procs))
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=120 if graceful else 30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    codes = [proc.wait() for proc in procs]
-    reap_trials(
-        study,
-        owner_prefix=prefix,
-        reason="droptune run was interrupted" if interrupted else "worker exited",
-    )
-    counts = counts_by_state(study)
-    slots = Slots(url, name)
-    try:
-        states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
-        finished = slots.finished(states)
-    finally:
-        slots.close()
-    best_value, best_params = _best(study)
-    return RunSummary(
-        name, mask_url(url), counts, best_value, best_params, interrupted, finished, codes
-    )
 
 
 def _watch(

@@ -9,7 +9,8 @@ Conditional rule — a parameter is sampled only where it exists:
   ``rnn``; ``attention_rate`` / ``droppath_rate`` only for ``transformer``; ``embedding_rate`` for
   ``rnn``/``transformer``; a ``custom`` model may take all of them;
 * the kinds a family accepts: ``spatial``/``dropblock`` need convolutions (``cnn``),
-  ``variational`` needs sequences (``rnn``); element-wise kinds fit everywhere.
+  ``variational`` needs sequences (``rnn``); element-wise kinds fit everywhere. This holds for
+  the fixed ``regularization.dropout.kind`` of a spec too (when the kind is not searched).
 
 A search path that can never apply to the spec's model family, or a kind choice the family
 cannot take, is a spec error rather than a silently ignored dimension.
@@ -22,6 +23,7 @@ from typing import Any
 
 from droptune.exceptions import ConfigError
 from droptune.exceptions import SpecError
+from droptune.layers import DROPOUT_KINDS
 from droptune.layers import ELEMENTWISE_KINDS
 
 
@@ -83,6 +85,12 @@ def check_search_space(spec: StudySpec, base: TrainConfig) -> None:
     """Every search path exists, applies to the model family, and every candidate validates."""
     family = base.model.family
     full = base.model_dump(mode="json")
+    allowed = FAMILY_KINDS[family]
+    if KIND_PATH not in spec.search and base.regularization.dropout.kind not in allowed:
+        raise SpecError(
+            f"{KIND_PATH}: kind {base.regularization.dropout.kind!r} does not fit model.family "
+            f"{family!r}; allowed: {', '.join(allowed)}"
+        )
     for path, dist in spec.search.items():
         where = f"search.{path}"
         if not _exists(full, path):
@@ -97,12 +105,15 @@ def check_search_space(spec: StudySpec, base: TrainConfig) -> None:
                 f"{where}: only applies to model.family {' or '.join(families)}, not {family!r}"
             )
         if path == KIND_PATH:
-            allowed = FAMILY_KINDS[family]
             for kind in dist.candidates():
                 if kind not in allowed:
+                    problem = (
+                        "is not a dropout kind"
+                        if kind not in DROPOUT_KINDS
+                        else "does not fit model.family " + repr(family)
+                    )
                     raise SpecError(
-                        f"{where}: kind {kind!r} does not fit model.family "
-                        f"{family!r}; allowed: {', '.join(allowed)}"
+                        f"{where}: kind {kind!r} {problem}; allowed: {', '.join(allowed)}"
                     )
         for value in dist.candidates():
             try:

@@ -2,7 +2,13 @@
 
 Workers import torch, Lightning and Optuna once and run many trials. SIGTERM and SIGINT raise
 :class:`WorkerInterrupted` inside the running trial, which Optuna records as FAIL (with the
-reason) before the worker exits; with ``graceful`` the running trial finishes first.
+reason) before the worker exits with code 130; with ``graceful`` the running trial finishes
+first (a second signal, :data:`REPEAT_AFTER_S` or more later, interrupts it).
+
+The signal handler itself only records the signal: an exception raised from a handler lands
+wherever the main thread happens to be, and Python swallows it when that is a finalizer or a
+weakref callback (the trial then went on, or Lightning's own SIGTERM handling ended the process
+with the trial left RUNNING). The trial raises at the next batch boundary instead.
 """
 
 from __future__ import annotations
@@ -13,12 +19,14 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from types import FrameType
 from typing import Any
 import uuid
 
 import optuna
+import pytorch_lightning as pl
 
 from droptune.storage import open_storage
 from droptune.study.factories import make_pruner
@@ -28,13 +36,69 @@ from droptune.study.slots import Slots
 from droptune.study.spec import StudySpec
 
 
-__all__ = ["WorkerInterrupted", "WorkerReport", "run_worker"]
+__all__ = ["REPEAT_AFTER_S", "WorkerInterrupted", "WorkerReport", "run_worker"]
 
 log = logging.getLogger(__name__)
 
 
 class WorkerInterrupted(Exception):
     """Raised in the running trial when the worker receives SIGTERM or SIGINT."""
+
+
+#: With ``graceful``, a second signal interrupts the running trial, unless it came this soon
+#: after the first: Ctrl-C reaches every process of the terminal's group, and ``droptune run``
+#: forwards it to its workers a moment later.
+REPEAT_AFTER_S = 2.0
+
+
+class _Stop:
+    """What the signal handler recorded: the signal, and whether the running trial must stop."""
+
+    def __init__(self, graceful: bool) -> None:
+        self.graceful = graceful
+        self.signum: int | None = None
+        self.first_at = 0.0
+        self.force = False
+
+    def record(self, signum: int) -> None:
+        now = time.monotonic()
+        if self.signum is None:
+            self.first_at = now
+        elif now - self.first_at >= REPEAT_AFTER_S:
+            self.force = True
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def check(self) -> None:
+        """Raise WorkerInterrupted if a signal asked the running trial to stop."""
+        if self.signum is not None and (self.force or not self.graceful):
+            raise WorkerInterrupted(f"worker interrupted by signal {self.signum}")
+
+
+class _StopCallback(pl.Callback):
+    """Ends the trial at the next batch boundary once a signal was received.
+
+    Lightning wraps the SIGTERM handler during fit() with its own, which ends fit() with
+    ``SIGTERMException`` (a SystemExit) — the running trial would stop even with ``graceful``.
+    The worker's handler is put back when training starts (Lightning restores it afterwards).
+    """
+
+    def __init__(self, stop: _Stop, handler: Any) -> None:
+        self.stop = stop
+        self.handler = handler
+
+    def on_train_start(self, *args: Any, **kwargs: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.handler)
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self.stop.check()
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self.stop.check()
 
 
 @dataclass
@@ -91,21 +155,33 @@ def run_worker(
         pruner=make_pruner(spec),
     )
     slots = Slots(storage_url, study_name)
-    objective = Objective(spec, device_overrides, worker=owner)
-    stop = {"requested": False}
+    stop = _Stop(graceful)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        if graceful and not stop["requested"]:
-            stop["requested"] = True
+        stop.record(signum)
+        if graceful and not stop.force:
             log.warning("worker %s: signal %d, finishing the running trial", owner, signum)
-            return
-        stop["requested"] = True
-        raise WorkerInterrupted(f"worker interrupted by signal {signum}")
+
+    objective = Objective(
+        spec, device_overrides, worker=owner, extra_callbacks=[_StopCallback(stop, on_signal)]
+    )
+
+    def run_trial(trial: optuna.Trial) -> Any:
+        try:
+            return objective(trial)
+        except SystemExit as exc:
+            # pytorch_lightning's SIGTERMException: Lightning wraps our SIGTERM handler with its
+            # own and ends fit() this way; record it as the interruption it is.
+            if not stop.requested:
+                raise
+            reason = f"worker interrupted by signal {stop.signum}"
+            trial.set_user_attr("droptune.fail_reason", f"WorkerInterrupted: {reason}")
+            raise WorkerInterrupted(reason) from exc
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     consecutive_failures = 0
     try:
-        while not stop["requested"]:
+        while not stop.requested:
             states = _states(study)
             slots.reclaim(states, stale_after=execution.grace_period)
             if deadline is not None and time.time() >= deadline:
@@ -122,18 +198,23 @@ def run_worker(
 
             def bind(trial: optuna.Trial, slot: int = slot) -> None:
                 slots.bind(slot, owner, trial.number)
+                stop.check()  # a signal between claim and here: fail this trial at once
 
             objective.on_trial_start = [bind]
             try:
-                study.optimize(objective, n_trials=1, catch=(Exception,))
+                study.optimize(run_trial, n_trials=1, catch=(Exception,))
             except WorkerInterrupted:
                 report.interrupted = True
             number = max((n for n in _states(study)), default=-1)
             trial = _bound_trial(study, slots, slot, owner)
             state = trial.state.name if trial is not None else "FAIL"
             report.states[state] = report.states.get(state, 0) + 1
+            if stop.requested:
+                report.interrupted = True
             if state == "FAIL" or trial is None:
                 slots.release(slot, owner)
+                if report.interrupted:
+                    break  # the signal's doing, not the trial's
                 consecutive_failures += 1
                 if consecutive_failures >= execution.max_consecutive_failures:
                     report.gave_up = (
@@ -152,6 +233,8 @@ def run_worker(
     except WorkerInterrupted:
         report.interrupted = True
     finally:
+        if stop.requested:
+            report.interrupted = True
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         slots.close()

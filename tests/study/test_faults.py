@@ -1,0 +1,249 @@
+"""Faults: a worker killed with SIGKILL mid-trial, Ctrl-C / SIGTERM to ``droptune run`` and to a
+worker, a diverging loss, and a user model that always raises. Real processes, real signals,
+real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import time
+from typing import Any
+
+import optuna
+import pytest
+
+from droptune.cli import main
+from tests.study.helpers import DELETE
+from tests.study.helpers import Procs
+from tests.study.helpers import SpecWriter
+from tests.study.helpers import counts
+from tests.study.helpers import finished
+from tests.study.helpers import group_alive
+from tests.study.helpers import running_trial
+from tests.study.helpers import trials
+from tests.study.helpers import wait_for
+
+
+#: Long enough trials (several seconds each) that a signal finds one running.
+LONG_TRAIN = {"max_epochs": 60}
+#: SQLite's CURRENT_TIMESTAMP, which Optuna's heartbeats use, has a resolution of one second.
+GRACE = 5
+FAST_BEATS = {"heartbeat_interval": 1, "grace_period": GRACE, "devices": "cpu"}
+
+
+# ----------------------------------------------------------------------------------------------
+# SIGKILL: the heartbeat goes stale, the trial FAILs, its parameters are retried once.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_sigkilled_worker_trial_fails_after_grace_and_is_retried(
+    backend: str,
+    procs: Procs,
+    write_spec: SpecWriter,
+    sqlite_url: str,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = sqlite_url if backend == "sqlite" else request.getfixturevalue("pg_url")
+    name = f"kill-{backend}"
+    n = 2
+    path = write_spec(
+        study={"name": name},
+        train={"max_epochs": 100},
+        execution=FAST_BEATS,
+        pruner={"name": "none"},
+        storage=url,
+        n_trials=n,
+    )
+    worker = procs.start("worker", str(path))
+    victim = wait_for(lambda: running_trial(url, name), 240, "a RUNNING trial", worker)
+    time.sleep(1.0)  # a heartbeat or two while it trains
+    assert worker.poll() is None, worker.communicate()[1][-3000:]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(timeout=30)
+    killed_at = dt.datetime.now()
+    assert worker.returncode == -signal.SIGKILL
+    # Within the grace period `droptune status` leaves the trial alone ...
+    assert main(["status", "--storage", url, "--study", name]) == 0
+    assert "stale" not in capsys.readouterr().out
+    state = {t.number: t for t in trials(url, name)}[victim.number].state.name
+    assert state == "RUNNING"
+    if backend == "sqlite":
+        # ... and once it has passed, status fails the trial and queues its retry.
+        time.sleep(max(0.0, GRACE + 2 - (dt.datetime.now() - killed_at).total_seconds()))
+        assert main(["status", "--storage", url, "--study", name]) == 0
+        assert "failed 1 stale trial(s) whose worker stopped beating" in capsys.readouterr().out
+        states = {t.number: t.state.name for t in trials(url, name)}
+        assert states[victim.number] == "FAIL"
+        assert "WAITING" in states.values()
+    # (On PostgreSQL the next `run` finds the stale trial itself.)
+
+    result = procs.run("run", str(path), "--workers", "2")
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    trial_list = trials(url, name)
+    by_number = {t.number: t for t in trial_list}
+    dead = by_number[victim.number]
+    assert dead.state.name == "FAIL"
+    assert dead.datetime_complete is not None
+    waited = (dead.datetime_complete - killed_at).total_seconds()
+    # Stale: no heartbeat for grace_period; the last beat was < 1 s before the kill, and
+    # SQLite's clock has whole seconds.
+    assert waited >= GRACE - 1 - 1, waited
+    retries = [t for t in trial_list if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1, [(t.number, t.state, t.system_attrs) for t in trial_list]
+    retry = retries[0]
+    assert retry.system_attrs["retry_history"] == [victim.number]
+    assert retry.params == dead.params
+    assert retry.state.name in ("COMPLETE", "PRUNED")
+    assert counts(trial_list).get("RUNNING", 0) == 0
+    assert counts(trial_list).get("WAITING", 0) == 0
+    assert finished(trial_list) == n
+    assert counts(trial_list) == {"COMPLETE": n, "FAIL": 1}
+
+
+# ----------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM: running trials FAIL (never left RUNNING), exit 130, and run resumes.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "how", ["sigint-to-group", "sigterm-to-run", "sigterm-to-worker", "graceful-sigint-to-group"]
+)
+def test_interrupt_fails_running_trials_exits_130_and_resumes(
+    how: str,
+    procs: Procs,
+    write_spec: SpecWriter,
+    sqlite_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    name = f"int-{how}"
+    n = 3
+    graceful = how.startswith("graceful")
+    path = write_spec(study={"name": name}, train=LONG_TRAIN, execution=FAST_BEATS, n_trials=n)
+    if how == "sigterm-to-worker":
+        proc = procs.start("worker", str(path))
+    else:
+        proc = procs.start("run", str(path), "--workers", "2", *(["--graceful"] * graceful))
+    victim = wait_for(lambda: running_trial(sqlite_url, name), 240, "a RUNNING trial", proc)
+    time.sleep(0.5)
+    assert proc.poll() is None
+    if how.endswith("sigint-to-group"):
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    print(out, err[-3000:])
+
+    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    # Nothing of the run is left behind: no worker process, no RUNNING trial.
+    wait_for(lambda: not group_alive(proc.pid), 30, "the workers to exit")
+    trial_list = trials(sqlite_url, name)
+    state_counts = counts(trial_list)
+    assert state_counts.get("RUNNING", 0) == 0, state_counts
+    assert state_counts.get("WAITING", 0) == 0, state_counts
+    if graceful:
+        # The running trials were finished, and no new one was started.
+        assert "FAIL" not in state_counts, state_counts
+        assert {t.number: t.state.name for t in trial_list}[victim.number] in (
+            "COMPLETE",
+            "PRUNED",
+        )
+        assert finished(trial_list) < n
+    else:
+        failed = [t for t in trial_list if t.state.name == "FAIL"]
+        assert victim.number in [t.number for t in failed], state_counts
+        for trial in failed:
+            reason = trial.user_attrs.get("droptune.fail_reason", "")
+            assert "interrupted" in reason, reason
+    if how != "sigterm-to-worker":
+        assert "interrupted: run the same command again to resume" in err
+
+    assert main(["run", str(path), "--workers", "1"]) == 0, capsys.readouterr().err[-3000:]
+    trial_list = trials(sqlite_url, name)
+    assert counts(trial_list).get("RUNNING", 0) == 0
+    assert finished(trial_list) == n, counts(trial_list)
+
+
+# ----------------------------------------------------------------------------------------------
+# A diverging loss: the trial FAILs with a reason naming the metric; the worker carries on.
+
+
+@pytest.mark.slow
+def test_nan_loss_fails_the_trial_and_the_worker_continues(
+    write_spec: SpecWriter, sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = "nan"
+    path = write_spec(
+        study={"name": name},
+        train={"optimizer": "sgd", "max_epochs": 2},
+        regularization={"dropout": {"kind": "none"}},
+        search={"train.lr": {"choices": [1.0e20, 3.0e-3]}},
+        pruner={"name": "none"},
+        n_trials=2,
+    )
+    assert main(["run", str(path), "--workers", "0"]) == 0  # create the study only
+    study = optuna.load_study(study_name=name, storage=sqlite_url)
+    for lr in (1.0e20, 3.0e-3, 3.0e-3):
+        study.enqueue_trial({"train.lr": lr})
+
+    code = main(["worker", str(path)])  # in this process: real trials, real storage
+
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    trial_list = trials(sqlite_url, name)
+    assert [t.state.name for t in trial_list] == ["FAIL", "COMPLETE", "COMPLETE"]
+    reason = trial_list[0].user_attrs["droptune.fail_reason"]
+    assert reason.startswith("TrialFailed: val_loss became nan"), reason
+    assert "diverged" in reason
+    assert trial_list[0].params == {"train.lr": 1.0e20}
+    assert all(t.params == {"train.lr": 3.0e-3} for t in trial_list[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# A model that always raises: the worker gives up after max_consecutive_failures.
+
+
+@pytest.mark.slow
+def test_always_failing_model_stops_the_worker_after_max_consecutive_failures(
+    procs: Procs,
+    write_spec: SpecWriter,
+    sqlite_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    name = "raises"
+    custom: dict[str, Any] = {
+        "family": "custom",
+        "target": "tests.study.faulty_models:AlwaysRaises",
+        "hidden": DELETE,
+    }
+    path = write_spec(
+        study={"name": name},
+        model=custom,
+        search={"regularization.dropout.hidden_rate": {"low": 0.0, "high": 0.5}},
+        execution={"max_consecutive_failures": 2},
+        n_trials=5,
+    )
+    start = time.monotonic()
+    result = procs.run("worker", str(path), timeout=240)
+    print(f"worker gave up after {time.monotonic() - start:.1f}s")
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, result.stderr[-3000:]
+    assert "2 consecutive trials failed" in error_lines[0]
+    assert "boom: AlwaysRaises.training_step" in error_lines[0]
+    trial_list = trials(sqlite_url, name)
+    assert counts(trial_list) == {"FAIL": 2}
+    for trial in trial_list:
+        assert trial.user_attrs["droptune.fail_reason"] == (
+            "RuntimeError: boom: AlwaysRaises.training_step"
+        )
+
+    # `droptune run` does not loop either: its worker gives up, and run exits 1.
+    assert main(["run", str(path), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "did not reach its trial count" in err
+    assert counts(trials(sqlite_url, name)) == {"FAIL": 4}
