@@ -47,6 +47,26 @@ def import_object(path: str, field: str) -> Any:
     return obj
 
 
+def build_object(
+    path: str,
+    kwargs: dict[str, Any],
+    field: str,
+    kwargs_field: str,
+    expected: type | tuple[type, ...],
+    what: str,
+) -> Any:
+    """Import ``path`` (a ConfigError names ``field``), call it with ``kwargs`` (a failure names
+    ``kwargs_field``) and check the result is an instance of ``expected``."""
+    factory = import_object(path, field)
+    try:
+        obj = factory(**kwargs)
+    except Exception as exc:
+        raise ConfigError(f"{kwargs_field}: {path}(**kwargs) failed: {exc}") from exc
+    if not isinstance(obj, expected):
+        raise ConfigError(f"{field}: {path!r} built a {type(obj).__name__}, which is not {what}")
+    return obj
+
+
 def resolve_layout(data: DataConfig, family: str) -> str:
     """The input layout: the configured one, or the one the model family needs."""
     if data.layout != "auto":
@@ -87,17 +107,14 @@ def build_datamodule(config: TrainConfig) -> pl.LightningDataModule:
     data = config.data
     if data.name == "datamodule":
         assert data.datamodule is not None
-        cls = import_object(data.datamodule, "data.datamodule")
-        try:
-            module = cls(**data.kwargs)
-        except Exception as exc:
-            raise ConfigError(f"data.kwargs: {data.datamodule}(**kwargs) failed: {exc}") from exc
-        if not isinstance(module, pl.LightningDataModule):
-            raise ConfigError(
-                f"data.datamodule: {data.datamodule!r} is not a "
-                "pytorch_lightning.LightningDataModule"
-            )
-        return module
+        return build_object(
+            data.datamodule,
+            data.kwargs,
+            "data.datamodule",
+            "data.kwargs",
+            pl.LightningDataModule,
+            "a pytorch_lightning.LightningDataModule",
+        )
     layout = resolve_layout(data, config.model.family)
     num_classes: int | None = 10
     task = "classification"

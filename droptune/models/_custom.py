@@ -19,8 +19,7 @@ from torch import nn
 
 from droptune.config import TrainConfig
 from droptune.data import DataInfo
-from droptune.data import import_object
-from droptune.exceptions import ConfigError
+from droptune.data._build import build_object
 from droptune.layers import apply
 from droptune.layers import param_groups
 from droptune.models._module import make_optimizer
@@ -94,16 +93,14 @@ def _zero_weight_decay(result: Any) -> Any:
 def build_custom(cfg: TrainConfig, info: DataInfo, example: Any = None) -> pl.LightningModule:
     """Import, build and regularize the user's model (see the module docstring)."""
     assert cfg.model.target is not None
-    cls = import_object(cfg.model.target, "model.target")
-    try:
-        model = cls(**cfg.model.kwargs)
-    except Exception as exc:
-        raise ConfigError(f"model.kwargs: {cfg.model.target}(**kwargs) failed: {exc}") from exc
-    if not isinstance(model, nn.Module):
-        raise ConfigError(
-            f"model.target: {cfg.model.target!r} built a {type(model).__name__}, "
-            "not an nn.Module or LightningModule"
-        )
+    model = build_object(
+        cfg.model.target,
+        cfg.model.kwargs,
+        "model.target",
+        "model.kwargs",
+        nn.Module,
+        "an nn.Module or LightningModule",
+    )
     apply(model, cfg.regularization, example_input=example)
     if not isinstance(model, pl.LightningModule):
         return PlainModuleWrapper(model, cfg, info)

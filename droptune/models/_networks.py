@@ -119,6 +119,27 @@ def build_cnn(cfg: TrainConfig, info: DataInfo, out: int) -> nn.Module:
     return nn.Sequential(*layers, stack, nn.Linear(width, out))
 
 
+def _sequence_input(
+    cfg: TrainConfig, info: DataInfo, family: str, width: int | None
+) -> tuple[nn.Module, int]:
+    """Token ids → a word-type-dropout embedding, or (T, F) features → ``width`` (identity when
+    ``width`` is None). Returns the module and its output width."""
+    m, drop = cfg.model, cfg.regularization.dropout
+    vocab = m.vocab_size or info.vocab_size
+    if vocab:
+        dim = width or m.embedding_dim
+        return DropoutEmbedding(vocab, dim, p=drop.rate("embedding_rate")), dim
+    if len(info.input_shape) != 2:
+        raise ConfigError(
+            f"model.family {family} needs (T, F) sequences, got {info.input_shape}; set "
+            "data.layout to sequence"
+        )
+    features = info.input_shape[-1]
+    if width is None:
+        return nn.Identity(), features
+    return nn.Linear(features, width), width
+
+
 class RecurrentNet(nn.Module):
     """Gal & Ghahramani recurrent classifier: one locked mask per sequence at the input, between
     layers and on the recurrent state; optional embedding (word-type) dropout and DropConnect on
@@ -127,20 +148,7 @@ class RecurrentNet(nn.Module):
     def __init__(self, cfg: TrainConfig, info: DataInfo, out: int) -> None:
         super().__init__()
         m, drop = cfg.model, cfg.regularization.dropout
-        vocab = m.vocab_size or info.vocab_size
-        if vocab:
-            self.embed: nn.Module = DropoutEmbedding(
-                vocab, m.embedding_dim, p=drop.rate("embedding_rate")
-            )
-            features = m.embedding_dim
-        else:
-            if len(info.input_shape) != 2:
-                raise ConfigError(
-                    f"model.family rnn needs (T, F) sequences, got "
-                    f"{info.input_shape}; set data.layout to sequence"
-                )
-            self.embed = nn.Identity()
-            features = info.input_shape[-1]
+        self.embed, features = _sequence_input(cfg, info, "rnn", None)
         cell = VariationalLSTM if m.cell == "lstm" else VariationalGRU
         directions = 2 if m.bidirectional else 1
         self.input_drop = _dropout(drop, "sequence", "input_rate")
@@ -206,20 +214,8 @@ class TransformerNet(nn.Module):
     def __init__(self, cfg: TrainConfig, info: DataInfo, out: int) -> None:
         super().__init__()
         m, drop = cfg.model, cfg.regularization.dropout
-        vocab = m.vocab_size or info.vocab_size
-        if vocab:
-            self.embed: nn.Module = DropoutEmbedding(
-                vocab, m.d_model, p=drop.rate("embedding_rate")
-            )
-            length = info.input_shape[0]
-        else:
-            if len(info.input_shape) != 2:
-                raise ConfigError(
-                    f"model.family transformer needs (T, F) sequences, got "
-                    f"{info.input_shape}; set data.layout to sequence"
-                )
-            self.embed = nn.Linear(info.input_shape[-1], m.d_model)
-            length = info.input_shape[0]
+        self.embed, _ = _sequence_input(cfg, info, "transformer", m.d_model)
+        length = info.input_shape[0]
         self.pos = nn.Parameter(torch.zeros(1, length, m.d_model))
         nn.init.trunc_normal_(self.pos, std=0.02)
         self.input_drop = _dropout(drop, "input")
