@@ -96,6 +96,33 @@ def _claim_once(
         engine.dispose()
 
 
+def _meta_get(storage_url: str, study_name: str, key: str) -> str | None:
+    engine = sa.create_engine(storage_url, **engine_kwargs(storage_url))
+    try:
+        _metadata.create_all(engine, checkfirst=True)
+        with engine.begin() as conn:
+            row = conn.execute(
+                sa.select(_meta.c.value).where(
+                    (_meta.c.study_name == study_name) & (_meta.c.key == key)
+                )
+            ).first()
+        return None if row is None else row.value
+    finally:
+        engine.dispose()
+
+
+def _meta_set(storage_url: str, study_name: str, key: str, value: str) -> None:
+    engine = sa.create_engine(storage_url, **engine_kwargs(storage_url))
+    try:
+        _metadata.create_all(engine, checkfirst=True)
+        where = (_meta.c.study_name == study_name) & (_meta.c.key == key)
+        with engine.begin() as conn:
+            if conn.execute(_meta.update().where(where).values(value=value)).rowcount == 0:
+                conn.execute(_meta.insert().values(study_name=study_name, key=key, value=value))
+    finally:
+        engine.dispose()
+
+
 class StudyTracking:
     """MLflow tracking for one study: the parent run, one child run per trial.
 
@@ -206,17 +233,17 @@ class StudyTracking:
         ``run_id`` names the run to complete; by default the trial's own, and a new one when
         the trial has none (its start was not tracked) or ``new_run`` is set."""
         parent = self.parent_run_id(study)
-        run_id = None if new_run else (run_id or frozen.user_attrs.get(RUN_ID_ATTR))
+        run_id = None if new_run else (run_id or self.run_id_of(frozen))
         if not run_id:
             run_id = self.tracker.start_trial_run(
                 parent,
                 frozen.number,
                 {"droptune.version": self.version, "droptune.backfilled": "true"},
             )
-            study._storage.set_trial_user_attr(frozen._trial_id, RUN_ID_ATTR, run_id)
+            self.link(study, frozen, run_id)
         params: dict[str, Any] = dict(frozen.params)
         if config is None:
-            config = frozen.user_attrs.get("droptune.config")
+            config = _resolved_config(study, frozen)
         if isinstance(config, dict):
             params.update({f"config.{k}": v for k, v in flatten(config).items()})
         history = list(frozen.user_attrs.get(HISTORY_ATTR) or [])
@@ -257,6 +284,23 @@ class StudyTracking:
                     "could not end MLflow run %s of trial %d: %s", run_id, frozen.number, exc
                 )
 
+    def run_id_of(self, frozen: optuna.trial.FrozenTrial) -> str | None:
+        """The trial's run id: its user attribute, or the link sync recorded after it ended."""
+        own = frozen.user_attrs.get(RUN_ID_ATTR)
+        if own:
+            return str(own)
+        return _meta_get(self.storage_url, self.study_name, f"run_id:{frozen.number}")
+
+    def link(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial, run_id: str) -> None:
+        """Record trial → run. Optuna refuses attributes on finished trials, so a run created
+        or adopted after the trial ended is linked in ``droptune_meta`` instead."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        try:
+            study._storage.set_trial_user_attr(frozen._trial_id, RUN_ID_ATTR, run_id)
+        except UpdateFinishedTrialError:
+            _meta_set(self.storage_url, self.study_name, f"run_id:{frozen.number}", run_id)
+
     def forget_parent(self, study: optuna.Study) -> None:
         """Drop the recorded parent run (it does not exist on this tracking server)."""
         engine = sa.create_engine(self.storage_url, **engine_kwargs(self.storage_url))
@@ -273,6 +317,19 @@ class StudyTracking:
             engine.dispose()
         study.set_user_attr(PARENT_ATTR, "")
         self._parent = None
+
+
+def _resolved_config(
+    study: optuna.Study, frozen: optuna.trial.FrozenTrial
+) -> dict[str, Any] | None:
+    """The full config the trial trained (spec defaults + its params + its seed), if known."""
+    from droptune.export import trial_config
+
+    try:
+        return trial_config(study, frozen).to_dict()
+    except Exception as exc:  # a study not created by droptune, or params from an old spec
+        log.debug("no resolved config for trial %d: %s", frozen.number, exc)
+        return None
 
 
 class _TrialAttrs:

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from droptune.tracking._client import PARENT_ATTR
-from droptune.tracking._client import RUN_ID_ATTR
 
 
 if TYPE_CHECKING:
@@ -68,7 +67,7 @@ def sync_study(study: optuna.Study, tracking: StudyTracking) -> SyncReport:
     ended = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     for frozen in study.get_trials(deepcopy=False, states=ended):
         existing = sorted(runs.get(frozen.number, []), key=lambda r: r.info.start_time or 0)
-        own = str(frozen.user_attrs.get(RUN_ID_ATTR) or "")
+        own = str(tracking.run_id_of(frozen) or "")
         keep = next(
             (r for r in existing if r.info.run_id == own), existing[0] if existing else None
         )
@@ -81,7 +80,7 @@ def sync_study(study: optuna.Study, tracking: StudyTracking) -> SyncReport:
             report.created.append(frozen.number)
             continue
         if keep.info.run_id != own:
-            study._storage.set_trial_user_attr(frozen._trial_id, RUN_ID_ATTR, keep.info.run_id)
+            tracking.link(study, frozen, keep.info.run_id)
             report.adopted.append(frozen.number)
         if keep.info.status == "RUNNING":
             tracking.log_trial(study, frozen, run_id=keep.info.run_id)
