@@ -27,37 +27,19 @@ from droptune.layers import GaussianDropout
 from droptune.layers import LockedDropout
 from droptune.layers import SpatialDropout
 from droptune.layers import make_dropout
+from tests.layers._stats import SHAPES
+from tests.layers._stats import assert_fraction
+from tests.layers._stats import close
 
 
 SELU_LAMBDA = 1.0507009873554804934193349852946
 SELU_ALPHA = 1.6732632423543772848170429916717
 ALPHA_PRIME = -SELU_LAMBDA * SELU_ALPHA
 
+# A per-member input shape [N, ...] (the population axis goes in front).
+MEMBER_SHAPES = {k: v for k, v in SHAPES.items() if k != "none"}
+
 POPULATION_KINDS = [k for k in DROPOUT_KINDS if k != "none"]
-
-# A per-member input shape [N, ...] each kind accepts (the population axis goes in front).
-MEMBER_SHAPES = {
-    "standard": (4, 6),
-    "spatial": (4, 3, 5),
-    "variational": (4, 5, 3),
-    "gaussian": (4, 6),
-    "alpha": (4, 6),
-    "dropblock": (2, 3, 6, 6),
-    "droppath": (4, 6),
-    "embedding": (4, 6),
-}
-
-
-def close(actual: Tensor, expected: Tensor) -> Tensor:
-    """Element-wise float32 equality up to rounding (|a - e| <= 1e-6·|e|); cheaper than isclose."""
-    return (actual - expected).abs() <= 1e-6 * expected.abs()
-
-
-def assert_fraction(count: int, n: int, p: float, what: str) -> None:
-    """Binomial count of n trials with success probability p: σ = sqrt(p(1-p)/n), bound 5σ."""
-    frac = count / n
-    sigma = math.sqrt(p * (1 - p) / n)
-    assert abs(frac - p) < 5 * sigma, f"{what}: {frac:.5f}, expected {p} ± {5 * sigma:.5f}"
 
 
 def assert_same_rate(count_a: int, count_b: int, n: int, p: float, what: str) -> None:
