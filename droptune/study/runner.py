@@ -231,10 +231,12 @@ def run_study(
     prefix = f"run-{uuid.uuid4().hex[:8]}"
     procs: list[subprocess.Popen[bytes]] = []
     interrupted = False
-    restore = _sigterm_as_interrupt()
+    received = _Signals()
+    restore = _trap_signals(received)
     try:
         _start_workers(procs, plan, spec_path, url, name, prefix, total, deadline, graceful)
-        _watch(study, procs, total, progress)
+        _watch(study, procs, total, progress, received)
+        received.check()  # a signal that arrived as the last worker exited
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted: stopping %d workers", len(procs))
@@ -271,18 +273,36 @@ def run_study(
     )
 
 
-def _sigterm_as_interrupt() -> Any:
-    """Treat SIGTERM like Ctrl-C while workers run (stop them, fail their trials, exit 130);
-    by default SIGTERM would end ``run`` at once and leave its workers running. Returns the
-    function that restores the previous handler."""
+class _Signals:
+    """SIGINT/SIGTERM received while workers run, recorded by the handler and acted on by the
+    watch loop. Raising from the handler itself is unreliable: when the signal lands in a
+    finalizer or a weakref callback Python swallows the exception, and ``run`` would then miss
+    a Ctrl-C and report graceful workers' early exit as a failure."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"signal {self.signum}")
+
+
+def _trap_signals(received: _Signals) -> Any:
+    """Record SIGINT and SIGTERM in ``received`` (SIGTERM would otherwise end ``run`` at once
+    and leave its workers running). Returns the function that restores the handlers."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
-    def on_sigterm(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+    def on_signal(signum: int, frame: Any) -> None:
+        received.signum = signum
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def _start_workers(
@@ -327,7 +347,11 @@ def _start_workers(
 
 
 def _watch(
-    study: optuna.Study, procs: list[subprocess.Popen[bytes]], total: int, progress: bool
+    study: optuna.Study,
+    procs: list[subprocess.Popen[bytes]],
+    total: int,
+    progress: bool,
+    received: _Signals,
 ) -> None:
     """Poll the storage until every worker has exited; show done/pruned/failed/running."""
     from rich.console import Console
@@ -350,6 +374,7 @@ def _watch(
     ) as bar:
         task = bar.add_task(study.study_name, total=total)
         while True:
+            received.check()
             alive = any(proc.poll() is None for proc in procs)
             counts = counts_by_state(study)
             done = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
@@ -370,4 +395,6 @@ def _watch(
                 last_line = time.time()
             if not alive:
                 return
-            time.sleep(1.0)
+            for _ in range(5):
+                time.sleep(0.2)
+                received.check()
