@@ -368,6 +368,161 @@ def export(
     typer.echo(f"wrote {output}")
 
 
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        envvar="MLFLOW_TRACKING_URI",
+        help="MLflow tracking URI (default: the study's own, e.g. runs/<study>/mlflow.db).",
+    ),
+]
+StudyArg = Annotated[str, typer.Argument(metavar="STUDY", help="Study name.")]
+
+
+def _study_tracking(study: str, storage: str | None, tracking_uri: str | None) -> Any:
+    from droptune.export import load_study
+    from droptune.tracking import StudyTracking
+
+    url = _study_storage(storage, study)
+    opened = load_study(study, url)
+    if tracking_uri:
+        _check_tracking_uri(tracking_uri)
+    tracking = StudyTracking.for_study(opened, url, tracking_uri)
+    tracking.enabled = True  # asked for explicitly, even if the spec turned tracking off
+    return opened, tracking
+
+
+def _check_tracking_uri(uri: str) -> None:
+    allowed = ("http://", "https://", "sqlite:///", "postgresql", "mysql", "databricks")
+    if not uri.startswith(allowed):
+        raise typer.BadParameter(
+            f"unsupported tracking URI {_mask(uri)!r}; allowed: http(s)://host:port, "
+            "sqlite:///path.db, postgresql://..., mysql://...",
+            param_hint="--tracking-uri",
+        )
+
+
+def _mask(text: str) -> str:
+    from droptune.storage import mask_text
+
+    return mask_text(text)
+
+
+@app.command()
+def sync(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Back-fill MLflow from the Optuna storage: one run per ended trial, none left RUNNING."""
+    from droptune.tracking._sync import sync_study
+
+    opened, tracking = _study_tracking(study, storage, tracking_uri)
+    report = _tracking_call(tracking, lambda: sync_study(opened, tracking))
+    typer.echo(f"study {study} → MLflow {_mask(tracking.uri)}")
+    typer.echo(
+        f"runs created {len(report.created)}, completed {len(report.completed)}, adopted "
+        f"{len(report.adopted)}, duplicates removed {len(report.duplicates_removed)}"
+        + (", parent run created" if report.parent_created else "")
+    )
+
+
+@app.command()
+def report(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Also write the artifacts here.")
+    ] = None,
+) -> None:
+    """Refresh the study's plots, best config and summary on its MLflow parent run."""
+    from droptune.tracking._report import write_study_artifacts
+
+    opened, tracking = _study_tracking(study, storage, tracking_uri)
+    if output is not None:
+        for path in write_study_artifacts(opened, output):
+            typer.echo(f"wrote {path}")
+    names = _tracking_call(tracking, lambda: tracking.report(opened))
+    parent = tracking.parent_run_id(opened)
+    typer.echo(f"uploaded {len(names)} artifacts to run {parent}: {', '.join(names)}")
+
+
+@app.command()
+def ui(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Default: a free one.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    allowed_hosts: Annotated[
+        str | None, typer.Option(help="Host headers the UI accepts (with a non-local --host).")
+    ] = None,
+) -> None:
+    """Start the MLflow UI on the study's tracking store and print its runs page."""
+    from droptune.tracking._server import start_server
+
+    _, tracking = _study_tracking(study, storage, tracking_uri)
+    experiment = _tracking_call(tracking, tracking.tracker.experiment_id)
+    page = f"#/experiments/{experiment}/runs"
+    if tracking.uri.startswith(("http://", "https://")):
+        typer.echo(f"{_mask(tracking.uri).rstrip('/')}/{page}")
+        return
+    artifacts = _local_artifacts(tracking.uri)
+    server = start_server(
+        tracking.uri, artifacts, host=host, port=port, allowed_hosts=allowed_hosts
+    )
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    typer.echo(f"MLflow UI for study {study}: http://{shown}:{server.port}/{page}", err=False)
+    typer.echo("press Ctrl-C to stop", err=True)
+    sys.stdout.flush()
+    try:
+        code = server.process.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        server.stop()
+    if code:
+        typer.echo(f"error: the MLflow server exited with code {code}; log: {server.log_path}")
+        raise typer.Exit(1)
+
+
+def _local_artifacts(uri: str) -> Path:
+    """Where a local tracking store keeps its artifacts (beside an SQLite file)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+    return Path("mlartifacts")
+
+
+def _tracking_call(tracking: Any, call: Any) -> Any:
+    from droptune.exceptions import TrackingError
+
+    try:
+        return call()
+    except TrackingError:
+        raise
+    except Exception as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TrackingError(f"MLflow at {_mask(tracking.uri)} failed: {_mask(text)}") from None
+
+
+def _study_storage(storage: str | None, study: str) -> str:
+    """``--storage``, else the study's default local SQLite file when it exists."""
+    if storage:
+        return _require_storage(storage)
+    from droptune.storage import default_url
+
+    url = default_url(study)
+    if Path(url.removeprefix("sqlite:///")).exists():
+        return url
+    raise typer.BadParameter(
+        f"give --storage URL (or set DROPTUNE_STORAGE); no local storage at {url}",
+        param_hint="--storage",
+    )
+
+
 def _check_format(value: str) -> str:
     if value not in ("yaml", "json"):
         raise typer.BadParameter(f"must be yaml or json, got {value!r}", param_hint="--format")
@@ -387,11 +542,16 @@ def _require_storage(storage: str | None) -> str:
 
 @app.callback()
 def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    from droptune.storage import MaskingFilter
+
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:  # URL passwords never reach a log line
+        if not any(isinstance(f, MaskingFilter) for f in handler.filters):
+            handler.addFilter(MaskingFilter())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         # raising SystemExit: it is the command's exit code.
         code = app(args=argv, standalone_mode=False)
     except DroptuneError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_mask(str(exc))}", err=True)
         return 2
     except SystemExit as exc:
         return int(exc.code or 0)
@@ -421,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 130
             return 1
         logging.getLogger("droptune").exception("droptune failed")
-        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        typer.echo(f"error: {type(exc).__name__}: {_mask(str(exc))}", err=True)
         return 1
     return code if isinstance(code, int) else 0
 

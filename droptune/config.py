@@ -461,8 +461,35 @@ def load_yaml_mapping(text: str, what: str = "document") -> dict[str, Any]:
     return data
 
 
+#: Artifact URI schemes ``load_config`` fetches through MLflow.
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+def _mlflow_artifact_text(uri: str) -> str:
+    import tempfile
+
+    import mlflow
+
+    from droptune.storage import mask_text
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(
+                f"config {uri!r} could not be fetched from MLflow at "
+                f"{mask_text(mlflow.get_tracking_uri())!r}: {mask_text(reason)[:300]}"
+            ) from None
+        if local.is_dir():
+            raise ConfigError(f"config {uri!r} is a folder of artifacts; name the YAML file")
+        return local.read_text()
+
+
 def load_config(source: str | Path | dict[str, Any]) -> TrainConfig:
-    """Load a :class:`TrainConfig` from a YAML file path, YAML text or a dict.
+    """Load a :class:`TrainConfig` from a YAML file path, a dict, or an MLflow artifact such as
+    ``runs:/<run_id>/best_config.yaml`` (the study's parent run holds the best config; the
+    tracking server is ``$MLFLOW_TRACKING_URI``).
 
     Example:
         >>> load_config({"model": {"family": "mlp", "hidden": [32]}}).model.hidden
@@ -470,6 +497,8 @@ def load_config(source: str | Path | dict[str, Any]) -> TrainConfig:
     """
     if isinstance(source, dict):
         return TrainConfig.from_dict(source)
+    if isinstance(source, str) and source.startswith(MLFLOW_SCHEMES):
+        return TrainConfig.from_yaml(_mlflow_artifact_text(source))
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")

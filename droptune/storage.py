@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+import re
 import sqlite3
 import time
 from typing import Any
@@ -25,10 +26,13 @@ from droptune.exceptions import StorageError
 
 
 __all__ = [
+    "MASK",
+    "MaskingFilter",
     "check_url",
     "creation_race",
     "default_url",
     "engine_kwargs",
+    "mask_text",
     "mask_url",
     "open_storage",
 ]
@@ -38,6 +42,34 @@ log = logging.getLogger(__name__)
 _DRIVERS = ("sqlite", "postgresql", "mysql")
 
 
+#: What a password is shown as.
+MASK = "***"
+_PASSWORD_IN_URL = re.compile(r"(\b[A-Za-z][\w+.-]*://[^:/@\s'\"]*:)([^@\s'\"/]+)(@)")
+
+
+def mask_text(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL in it masked."""
+    return _PASSWORD_IN_URL.sub(rf"\g<1>{MASK}\g<3>", text)
+
+
+class MaskingFilter(logging.Filter):
+    """Masks URL passwords in every log record that passes through a handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_text(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and record.exc_info[1] is not None:
+            import traceback
+
+            record.exc_text = mask_text("".join(traceback.format_exception(*record.exc_info)))
+            record.exc_info = None
+            record.msg = f"{record.msg}\n{record.exc_text}"
+            record.exc_text = None
+        return True
+
+
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ``***`` (safe for logs, tags and messages)."""
     try:
@@ -45,7 +77,7 @@ def mask_url(url: str) -> str:
 
         parsed = make_url(url)
     except Exception:
-        return url if "@" not in url else "***"
+        return mask_text(url)
     if parsed.password is None:
         return url
     return parsed.render_as_string(hide_password=True)

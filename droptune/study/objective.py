@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
+import time
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -18,6 +20,7 @@ from droptune.study.space import suggest
 if TYPE_CHECKING:
     from droptune.config import TrainConfig
     from droptune.study.spec import StudySpec
+    from droptune.tracking import StudyTracking
 
 __all__ = ["GAP_METRIC", "Objective", "PruningCallback", "TrialFailed", "trial_seed"]
 
@@ -64,15 +67,58 @@ class PruningCallback(pl.Callback):
 
 
 class _History(pl.Callback):
-    """Every validation epoch's metrics (val_* from this epoch)."""
+    """One row per epoch: the epoch, its validation metrics, its training metrics, the learning
+    rate and the epoch's wall time. A pruned epoch keeps its validation row.
+
+    Training metrics reduced over the epoch reach ``callback_metrics`` after the callbacks'
+    ``on_train_epoch_end``, so they are read when the next epoch starts or training ends.
+    """
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
+        self._by_epoch: dict[int, dict[str, float]] = {}
+        self._started = 0.0
+        self._open: int | None = None
+
+    def _row(self, epoch: int) -> dict[str, float]:
+        if epoch not in self._by_epoch:
+            row: dict[str, float] = {"epoch": float(epoch)}
+            self._by_epoch[epoch] = row
+            self.rows.append(row)
+        return self._by_epoch[epoch]
+
+    def _close(self, trainer: pl.Trainer) -> None:
+        if self._open is None:
+            return
+        row = self._row(self._open)
+        for key, value in trainer.callback_metrics.items():
+            if not key.startswith(("val_", "test_")) and key not in row:
+                row[key] = float(value)
+        self._open = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close(trainer)
+        self._started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        row = self._row(trainer.current_epoch)
+        row["epoch_time"] = time.perf_counter() - self._started
+        if trainer.optimizers:
+            row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+        self._open = trainer.current_epoch
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+        row = self._row(trainer.current_epoch)
+        row.update(
+            {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
+        )
+        if "epoch_time" not in row:  # pruned or stopped here: the time so far
+            row["epoch_time"] = time.perf_counter() - self._started
 
 
 class Objective:
@@ -86,8 +132,10 @@ class Objective:
         device_overrides: dict[str, Any] | None = None,
         worker: str = "",
         extra_callbacks: list[Any] | None = None,
+        tracking: StudyTracking | None = None,
     ) -> None:
         self.spec = spec
+        self.tracking = tracking
         self.base: TrainConfig = spec.base
         self.device_overrides = device_overrides or {}
         self.worker = worker
@@ -101,9 +149,15 @@ class Objective:
         return cfg, params
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        self._history = _History()
+        self._config: TrainConfig | None = None
+        state, values = "FAIL", None
         try:
-            return self._run(trial)
+            result = self._run(trial)
+            state, values = "COMPLETE", result
+            return result
         except optuna.TrialPruned:
+            state = "PRUNED"
             raise
         except BaseException as exc:
             # Kept on the trial so that `droptune status` and MLflow can say what happened.
@@ -112,6 +166,20 @@ class Objective:
             trial.set_user_attr("droptune.fail_reason", f"{type(exc).__name__}: {exc}"[:1000])
             trial.set_user_attr("droptune.traceback", traceback.format_exc()[-4000:])
             raise
+        finally:
+            self._record(trial, state, values)
+
+    def _record(self, trial: optuna.Trial, state: str, values: Any) -> None:
+        """Per-epoch history on the trial; the trial's MLflow run completed with its state
+        while the trial is still RUNNING (Optuna refuses attributes on finished trials)."""
+        from droptune.tracking._study import HISTORY_ATTR
+
+        rows = [{k: round(v, 7) for k, v in row.items()} for row in self._history.rows]
+        with contextlib.suppress(Exception):
+            trial.set_user_attr(HISTORY_ATTR, rows)
+        if self.tracking is not None:
+            config = None if self._config is None else self._config.to_dict()
+            self.tracking.trial_ended(trial, state, values, config)
 
     def _run(self, trial: optuna.Trial) -> float | list[float]:
         from droptune.training import fit
@@ -119,6 +187,7 @@ class Objective:
         for hook in self.on_trial_start:
             hook(trial)
         cfg, _ = self.config_for(trial)
+        self._config = cfg
         trial.set_user_attr("droptune.seed", cfg.train.seed)
         trial.set_user_attr("droptune.worker", self.worker)
         trial.set_user_attr("droptune.host", socket.gethostname())
@@ -128,9 +197,11 @@ class Objective:
             if cfg.train.accelerator != "cpu"
             else "cpu",
         )
+        if self.tracking is not None:
+            self.tracking.trial_started(trial.study, trial)
         objectives = self.spec.study.objectives
         directions = self.spec.study.study_directions
-        history = _History()
+        history = self._history
         callbacks: list[Any] = [history, *self.extra_callbacks]
         if len(objectives) == 1 and self.spec.pruner.name != "none":
             callbacks.append(PruningCallback(trial, objectives[0]))

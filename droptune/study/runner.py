@@ -29,6 +29,7 @@ from droptune.study.factories import make_pruner
 from droptune.study.factories import make_sampler
 from droptune.study.slots import Slots
 from droptune.study.spec import StudySpec
+from droptune.tracking import StudyTracking
 
 
 __all__ = [
@@ -88,7 +89,15 @@ def create_study(
             f"{directions}; use another study.name"
         )
     if SPEC_ATTR not in study.user_attrs:
-        study.set_user_attr(SPEC_ATTR, spec.to_dict())
+        recorded = spec.to_dict()
+        for key in ("storage",):
+            if recorded.get(key):
+                recorded[key] = mask_url(recorded[key])
+        if (recorded.get("tracking") or {}).get("uri"):
+            recorded["tracking"]["uri"] = mask_url(recorded["tracking"]["uri"])
+        study.set_user_attr(SPEC_ATTR, recorded)
+        study.set_user_attr("droptune.metric", ",".join(spec.study.objectives))
+        study.set_metric_names(list(spec.study.objectives))
         study.set_user_attr("droptune.version", droptune.__version__)
     slots = Slots(storage_url, study_name)
     try:
@@ -228,6 +237,9 @@ def run_study(
         # The spec's own thread count: what the exported best config will train with too.
         for entry in plan:
             entry["overrides"].pop("train.num_threads", None)
+    tracking = StudyTracking(spec, name, url) if spec.tracking.enabled and plan else None
+    if tracking is not None:
+        tracking.study_started(study)
     prefix = f"run-{uuid.uuid4().hex[:8]}"
     procs: list[subprocess.Popen[bytes]] = []
     interrupted = False
@@ -267,6 +279,8 @@ def run_study(
         finished = slots.finished(states)
     finally:
         slots.close()
+    if tracking is not None:
+        tracking.study_ended(study, finished)
     best_value, best_params = _best(study)
     return RunSummary(
         name, mask_url(url), counts, best_value, best_params, interrupted, finished, codes

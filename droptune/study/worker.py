@@ -34,6 +34,7 @@ from droptune.study.factories import make_sampler
 from droptune.study.objective import Objective
 from droptune.study.slots import Slots
 from droptune.study.spec import StudySpec
+from droptune.tracking import StudyTracking
 
 
 __all__ = ["REPEAT_AFTER_S", "WorkerInterrupted", "WorkerReport", "run_worker"]
@@ -49,6 +50,10 @@ class WorkerInterrupted(Exception):
 #: after the first: Ctrl-C reaches every process of the terminal's group, and ``droptune run``
 #: forwards it to its workers a moment later.
 REPEAT_AFTER_S = 2.0
+
+#: How often a waiting worker completes the MLflow runs of trials reaped on a dead worker's
+#: behalf.
+SWEEP_EVERY_S = 15.0
 
 
 class _Stop:
@@ -162,9 +167,17 @@ def run_worker(
         if graceful and not stop.force:
             log.warning("worker %s: signal %d, finishing the running trial", owner, signum)
 
+    tracking = StudyTracking(spec, study_name, storage_url) if spec.tracking.enabled else None
     objective = Objective(
-        spec, device_overrides, worker=owner, extra_callbacks=[_StopCallback(stop, on_signal)]
+        spec,
+        device_overrides,
+        worker=owner,
+        extra_callbacks=[_StopCallback(stop, on_signal)],
+        tracking=tracking,
     )
+    if tracking is not None:
+        tracking.warm_up(study)
+    swept_at = 0.0
 
     def run_trial(trial: optuna.Trial) -> Any:
         try:
@@ -193,6 +206,9 @@ def run_worker(
                 # Other workers hold the remaining slots: reap stale trials and wait, so that a
                 # slot freed by a failure is run here if its worker is gone.
                 optuna.storages.fail_stale_trials(study)
+                if tracking is not None and time.monotonic() - swept_at > SWEEP_EVERY_S:
+                    swept_at = time.monotonic()
+                    _close_runs(tracking, study)  # runs of trials failed on a dead worker's behalf
                 time.sleep(poll_interval)
                 continue
 
@@ -238,7 +254,16 @@ def run_worker(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         slots.close()
+        if tracking is not None:
+            _close_runs(tracking, study)
     return report
+
+
+def _close_runs(tracking: StudyTracking, study: optuna.Study) -> None:
+    try:
+        tracking.close_ended_runs(study)
+    except Exception as exc:  # MLflow down: `droptune sync` does it later
+        log.debug("could not close ended MLflow runs: %s", exc)
 
 
 def _bound_trial(

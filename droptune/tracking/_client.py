@@ -135,13 +135,20 @@ class Tracker:
                 raise
             return str(found.experiment_id)
 
-    def create_parent_run(self, tags: dict[str, str]) -> str:
+    def create_parent_run(self, tags: dict[str, str], params: dict[str, Any] | None = None) -> str:
         """A new parent run for the study (the caller makes sure only one is created)."""
+        from mlflow.entities import Param
+
         run = self.client.create_run(
             self.experiment_id(),
             run_name=self.study_name,
             tags={"droptune.study": self.study_name, "droptune.role": "study", **tags},
         )
+        param_list = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
+        for start in range(0, len(param_list), 100):
+            self.client.log_batch(
+                run.info.run_id, params=param_list[start : start + 100], synchronous=True
+            )
         return str(run.info.run_id)
 
     def start_trial_run(self, parent_run_id: str, trial_number: int, tags: dict[str, str]) -> str:

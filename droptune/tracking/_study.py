@@ -17,6 +17,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from droptune.exceptions import TrackingError
+from droptune.storage import MASK
 from droptune.storage import engine_kwargs
 from droptune.storage import mask_url
 from droptune.tracking._client import ERROR_ATTR
@@ -32,11 +34,15 @@ if TYPE_CHECKING:
 
     from droptune.study.spec import StudySpec
 
-__all__ = ["HISTORY_ATTR", "StudyTracking", "tracking_uri"]
+__all__ = ["HISTORY_ATTR", "SECONDS_ATTR", "StudyTracking", "tracking_uri"]
 
 log = logging.getLogger(__name__)
 
 HISTORY_ATTR = "droptune.history"
+#: The tracking URI of the study's runs (password masked).
+URI_ATTR = "droptune.mlflow_tracking_uri"
+#: Seconds the trial spent on MLflow calls (start + finish), for the overhead figures.
+SECONDS_ATTR = "droptune.tracking_seconds"
 
 _metadata = sa.MetaData()
 _meta = sa.Table(
@@ -143,6 +149,41 @@ class StudyTracking:
         self.version = droptune.__version__
         self._tracker: Tracker | None = None
         self._parent: str | None = None
+        self._spent: dict[int, float] = {}
+
+    @classmethod
+    def for_study(
+        cls, study: optuna.Study, storage_url: str, uri: str | None = None
+    ) -> StudyTracking:
+        """Tracking for an existing droptune study, from the spec recorded on it.
+
+        The tracking URI is ``uri``, else the spec's ``tracking.uri``, else
+        ``$MLFLOW_TRACKING_URI``, else the URI recorded when the study was tracked first, else
+        the default local store. A recorded URI whose password was masked is not usable: pass
+        ``uri`` (``--tracking-uri``) or set ``MLFLOW_TRACKING_URI``.
+        """
+        from droptune.study.spec import spec_from_dict
+
+        recorded = study.user_attrs.get("droptune.spec")
+        if not isinstance(recorded, dict):
+            raise TrackingError(
+                f"study {study.study_name!r} was not created by droptune (no droptune.spec "
+                "attribute): its trials cannot be mirrored into MLflow"
+            )
+        spec = spec_from_dict(recorded, source=f"study {study.study_name!r}")
+        candidates = [
+            uri,
+            spec.tracking.uri,
+            os.environ.get("MLFLOW_TRACKING_URI"),
+            study.user_attrs.get(URI_ATTR),
+        ]
+        chosen = next((str(c) for c in candidates if c), None)
+        if chosen is not None and MASK in chosen:
+            raise TrackingError(
+                f"the study's tracking URI {chosen!r} holds a password that droptune does not "
+                "store: pass --tracking-uri or set MLFLOW_TRACKING_URI"
+            )
+        return cls(spec, study.study_name, storage_url, uri=chosen)
 
     @property
     def tracker(self) -> Tracker:
@@ -166,12 +207,33 @@ class StudyTracking:
                     self.storage_url,
                     self.study_name,
                     "mlflow_parent_run_id",
-                    lambda: self.tracker.create_parent_run(tags),
+                    lambda: self.tracker.create_parent_run(tags, self._study_params(study)),
                 )
                 study.set_user_attr(PARENT_ATTR, self._parent)
                 study.set_user_attr("droptune.mlflow_experiment_id", self.tracker.experiment_id())
-                study.set_user_attr("droptune.mlflow_tracking_uri", mask_url(self.uri))
+                study.set_user_attr(URI_ATTR, mask_url(self.uri))
         return self._parent
+
+    def _study_params(self, study: optuna.Study) -> dict[str, Any]:
+        """The parent run's params: the spec as recorded on the study (URLs masked)."""
+        recorded = study.user_attrs.get("droptune.spec")
+        if not isinstance(recorded, dict):
+            return {}
+        return {
+            key: value
+            for key, value in flatten(recorded).items()
+            if value is not None and value != [] and value != {}
+        }
+
+    def warm_up(self, study: optuna.Study) -> None:
+        """Open the tracking store and find the parent run before the first trial, so that
+        the one-time cost (imports, connection, schema check) is not counted on a trial."""
+        if not self.enabled:
+            return
+        try:
+            self.parent_run_id(study)
+        except Exception as exc:
+            log.debug("tracking warm-up failed: %s", _first_line(exc))
 
     def _record_error(self, trial: Any, exc: BaseException, what: str) -> None:
         message = f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -189,6 +251,7 @@ class StudyTracking:
         """Create the trial's RUNNING child run and link it both ways."""
         if not self.enabled:
             return
+        started = time.perf_counter()
         try:
             parent = self.parent_run_id(study)
             run_id = self.tracker.start_trial_run(
@@ -204,6 +267,40 @@ class StudyTracking:
             trial.set_user_attr(RUN_ID_ATTR, run_id)
         except Exception as exc:
             self._record_error(trial, exc, "start")
+        finally:
+            self._spent[trial.number] = time.perf_counter() - started
+
+    def trial_ended(
+        self,
+        trial: optuna.Trial,
+        state: str,
+        values: float | list[float] | None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        """Complete the run of a trial whose objective just returned (``COMPLETE``), was pruned
+        or raised (``FAIL``): called while the trial is still RUNNING, so that a tracking
+        failure can be recorded on it. A trial whose start could not be tracked is left to
+        ``droptune sync`` (one failure, logged once, per trial)."""
+        if not self.enabled:
+            return
+        from optuna.trial import TrialState
+
+        started = time.perf_counter()
+        try:
+            if trial.user_attrs.get(ERROR_ATTR):
+                return
+            study = trial.study
+            frozen = study._storage.get_trial(trial._trial_id)
+            frozen.state = TrialState[state]
+            if state == "COMPLETE" and values is not None:
+                frozen.values = list(values) if isinstance(values, list) else [float(values)]
+            self.log_trial(study, frozen, config)
+        except Exception as exc:
+            self._record_error(trial, exc, "finish")
+        finally:
+            spent = self._spent.pop(trial.number, 0.0) + time.perf_counter() - started
+            with contextlib.suppress(Exception):
+                trial.set_user_attr(SECONDS_ATTR, round(spent, 4))
 
     def trial_finished(
         self,
@@ -211,14 +308,14 @@ class StudyTracking:
         frozen: optuna.trial.FrozenTrial,
         config: dict[str, Any] | None = None,
     ) -> None:
-        """Log params, per-epoch metrics and tags, and end the run with the mapped status.
-        Creates the run here if its start was not tracked (e.g. the server came back)."""
+        """Log an ended trial (e.g. one told by hand); failures are logged and kept in
+        ``droptune_meta`` when the trial itself no longer takes attributes."""
         if not self.enabled:
             return
         try:
             self.log_trial(study, frozen, config)
         except Exception as exc:
-            self._record_error(_TrialAttrs(study, frozen), exc, "finish")
+            self._record_error(_TrialAttrs(self, study, frozen), exc, "finish")
 
     def log_trial(
         self,
@@ -284,6 +381,119 @@ class StudyTracking:
                     "could not end MLflow run %s of trial %d: %s", run_id, frozen.number, exc
                 )
 
+    def close_ended_runs(self, study: optuna.Study) -> list[int]:
+        """Complete the runs still RUNNING whose trial has ended (its worker was killed, or
+        the finish could not be logged): one search, then one write per such run. Returns
+        the trial numbers whose run was closed."""
+        if not self.enabled:
+            return []
+        from optuna.trial import TrialState
+
+        parent = study.user_attrs.get(PARENT_ATTR)
+        if not parent:
+            return []
+        running = self.tracker.client.search_runs(
+            [self.tracker.experiment_id()],
+            filter_string=(
+                f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"
+            ),
+            max_results=50000,
+        )
+        if not running:
+            return []
+        ended = {
+            t.number: t
+            for t in study.get_trials(
+                deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+            )
+        }
+        closed = []
+        for run in running:
+            number = run.data.tags.get("droptune.trial_number", "")
+            frozen = ended.get(int(number)) if number.isdigit() else None
+            if frozen is None:
+                continue
+            try:
+                self.log_trial(study, frozen, run_id=run.info.run_id)
+                closed.append(frozen.number)
+            except Exception as exc:
+                log.warning(
+                    "could not end MLflow run %s of trial %d: %s",
+                    run.info.run_id,
+                    frozen.number,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+        return closed
+
+    def study_started(self, study: optuna.Study) -> bool:
+        """Create (or reopen) the parent run before workers start, so that they never race to
+        create the tracking store's schema. Returns False (after a warning) if MLflow is
+        unreachable: the study runs anyway and ``droptune sync`` back-fills it."""
+        if not self.enabled:
+            return False
+        try:
+            parent = self.parent_run_id(study)
+            if self.tracker.client.get_run(parent).info.status != "RUNNING":
+                self.tracker.client.update_run(parent, status="RUNNING")
+            return True
+        except Exception as exc:
+            log.warning(
+                "MLflow at %s is unreachable (%s): trials are recorded in Optuna only; run "
+                "`droptune sync` once it is back",
+                mask_url(self.uri),
+                _first_line(exc).replace(self.uri, mask_url(self.uri)),
+            )
+            return False
+
+    def study_ended(self, study: optuna.Study, finished: bool) -> list[str]:
+        """Close leftover trial runs, refresh the study artifacts on the parent run and set
+        its status (FINISHED when the study has its trials, KILLED otherwise). Returns the
+        artifact names uploaded."""
+        if not self.enabled:
+            return []
+        try:
+            self.close_ended_runs(study)
+            names = self.report(study)
+            parent = self.parent_run_id(study)
+            self._log_study_metrics(study, parent)
+            self.tracker.client.set_terminated(parent, "FINISHED" if finished else "KILLED")
+            return names
+        except Exception as exc:
+            log.warning(
+                "could not update the study's MLflow run (%s); run `droptune sync` and "
+                "`droptune report` once MLflow is back",
+                _first_line(exc).replace(self.uri, mask_url(self.uri)),
+            )
+            return []
+
+    def _log_study_metrics(self, study: optuna.Study, parent: str) -> None:
+        """Trial counts by state and the best value(s) so far, on the parent run."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        trials = study.get_trials(deepcopy=False)
+        step = len(trials)
+        metrics = {
+            f"trials_{state.lower()}": float(sum(t.state.name == state for t in trials))
+            for state in ("COMPLETE", "PRUNED", "FAIL")
+        }
+        metric = str(study.user_attrs.get("droptune.metric", "objective"))
+        if len(study.directions) == 1:
+            with contextlib.suppress(ValueError):
+                metrics[f"best_{metric}"] = float(study.best_value)
+        self.tracker.client.log_batch(
+            parent,
+            metrics=[Metric(k, v, now, step) for k, v in metrics.items()],
+            synchronous=True,
+        )
+
+    def report(self, study: optuna.Study) -> list[str]:
+        """Refresh the study artifacts (plots, best config, summary) on the parent run."""
+        from droptune.tracking._report import upload_study_artifacts
+
+        parent = self.parent_run_id(study)
+        return upload_study_artifacts(study, self.tracker.client, parent)
+
     def run_id_of(self, frozen: optuna.trial.FrozenTrial) -> str | None:
         """The trial's run id: its user attribute, or the link sync recorded after it ended."""
         own = frozen.user_attrs.get(RUN_ID_ATTR)
@@ -319,6 +529,11 @@ class StudyTracking:
         self._parent = None
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 def _resolved_config(
     study: optuna.Study, frozen: optuna.trial.FrozenTrial
 ) -> dict[str, Any] | None:
@@ -333,10 +548,24 @@ def _resolved_config(
 
 
 class _TrialAttrs:
-    """set_user_attr on a FrozenTrial, through the storage."""
+    """set_user_attr on a FrozenTrial: through the storage while it runs, else in
+    ``droptune_meta`` (Optuna refuses attributes on finished trials)."""
 
-    def __init__(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
-        self.study, self.frozen, self.number = study, frozen, frozen.number
+    def __init__(
+        self, tracking: StudyTracking, study: optuna.Study, frozen: optuna.trial.FrozenTrial
+    ) -> None:
+        self.tracking, self.study, self.frozen = tracking, study, frozen
+        self.number = frozen.number
 
     def set_user_attr(self, key: str, value: Any) -> None:
-        self.study._storage.set_trial_user_attr(self.frozen._trial_id, key, value)
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        try:
+            self.study._storage.set_trial_user_attr(self.frozen._trial_id, key, value)
+        except UpdateFinishedTrialError:
+            _meta_set(
+                self.tracking.storage_url,
+                self.tracking.study_name,
+                f"{key}:{self.number}",
+                str(value),
+            )
