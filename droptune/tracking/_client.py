@@ -60,11 +60,15 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _quick_failures() -> None:
-    """A dead tracking server must cost seconds, not MLflow's minutes of retries."""
+def _client_settings() -> None:
+    """A dead tracking server must cost seconds, not MLflow's minutes of retries, and show up
+    as one warning per trial (not urllib3's one per retry). MLflow must not print run URLs to
+    stdout: they would carry a tracking URL's password."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 class Tracker:
@@ -84,7 +88,7 @@ class Tracker:
         experiment: str | None = None,
         artifact_root: str | None = None,
     ) -> None:
-        _quick_failures()
+        _client_settings()
         from mlflow import MlflowClient
 
         self.uri = uri

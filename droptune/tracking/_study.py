@@ -39,6 +39,12 @@ __all__ = ["HISTORY_ATTR", "SECONDS_ATTR", "StudyTracking", "tracking_uri"]
 log = logging.getLogger(__name__)
 
 HISTORY_ATTR = "droptune.history"
+#: The error shown for a FAIL trial without a recorded reason: Optuna's heartbeat check failed it
+#: because its worker stopped beating.
+STALE_REASON = (
+    "the trial's worker stopped sending heartbeats (killed or lost); failed by the heartbeat "
+    "check and retried once"
+)
 #: The tracking URI of the study's runs (password masked).
 URI_ATTR = "droptune.mlflow_tracking_uri"
 #: Seconds the trial spent on MLflow calls (start + finish), for the overhead figures.
@@ -362,7 +368,8 @@ class StudyTracking:
             params=params,
             history=history,
             tags=tags,
-            error=frozen.user_attrs.get("droptune.fail_reason"),
+            error=frozen.user_attrs.get("droptune.fail_reason")
+            or (STALE_REASON if frozen.state.name == "FAIL" else None),
         )
         return str(run_id)
 

@@ -246,3 +246,49 @@ def running_trial(url: str, name: str) -> optuna.trial.FrozenTrial | None:
         if trial.state.name == "RUNNING" and "droptune.seed" in trial.user_attrs:
             return trial
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading MLflow.
+
+#: Optuna state → the MLflow status of the trial's run.
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def tracking_section(tmp: Path) -> dict[str, Any]:
+    """A spec ``tracking`` section on a fresh local MLflow store under ``tmp``."""
+    return {"enabled": True, "uri": f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}"}
+
+
+def trial_runs(uri: str, name: str) -> dict[int, list[Any]]:
+    """The child runs of study ``name``'s parent run, by trial number (a list, to see
+    duplicates); fails the test unless there is exactly one parent run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None, f"no MLflow experiment {name!r}"
+    runs = client.search_runs([experiment.experiment_id], max_results=10000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    out: dict[int, list[Any]] = {}
+    for run in runs:
+        if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id:
+            out.setdefault(int(run.data.tags["droptune.trial_number"]), []).append(run)
+    assert sum(map(len, out.values())) == len(runs) - 1, "a run outside the study's parent"
+    return out
+
+
+def assert_runs_match_trials(uri: str, name: str, trial_list: list[Any]) -> dict[int, Any]:
+    """Every ended trial has exactly one run with the mapped status; no run is RUNNING."""
+    runs = trial_runs(uri, name)
+    running = [r.info.run_name for rs in runs.values() for r in rs if r.info.status == "RUNNING"]
+    assert not running, f"runs left RUNNING: {running}"
+    ended = [t for t in trial_list if t.state.name in RUN_STATUS]
+    assert sorted(runs) == sorted(t.number for t in ended), (sorted(runs), len(ended))
+    for trial in ended:
+        assert len(runs[trial.number]) == 1, f"trial {trial.number} has several runs"
+        run = runs[trial.number][0]
+        assert run.info.status == RUN_STATUS[trial.state.name], (trial.number, trial.state)
+        assert run.data.tags["optuna.state"] == trial.state.name
+    return {number: rs[0] for number, rs in runs.items()}

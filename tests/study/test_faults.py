@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from pathlib import Path
 import signal
 import time
 from typing import Any
@@ -17,10 +18,12 @@ from droptune.cli import main
 from tests.study.helpers import DELETE
 from tests.study.helpers import Procs
 from tests.study.helpers import SpecWriter
+from tests.study.helpers import assert_runs_match_trials
 from tests.study.helpers import counts
 from tests.study.helpers import finished
 from tests.study.helpers import group_alive
 from tests.study.helpers import running_trial
+from tests.study.helpers import tracking_section
 from tests.study.helpers import trials
 from tests.study.helpers import wait_for
 
@@ -45,16 +48,19 @@ def test_sigkilled_worker_trial_fails_after_grace_and_is_retried(
     sqlite_url: str,
     request: pytest.FixtureRequest,
     capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     url = sqlite_url if backend == "sqlite" else request.getfixturevalue("pg_url")
     name = f"kill-{backend}"
     n = 2
+    tracking = tracking_section(tmp_path)
     path = write_spec(
         study={"name": name},
         train={"max_epochs": 100},
         execution=FAST_BEATS,
         pruner={"name": "none"},
         storage=url,
+        tracking=tracking,
         n_trials=n,
     )
     worker = procs.start("worker", str(path))
@@ -102,6 +108,10 @@ def test_sigkilled_worker_trial_fails_after_grace_and_is_retried(
     assert counts(trial_list).get("WAITING", 0) == 0
     assert finished(trial_list) == n
     assert counts(trial_list) == {"COMPLETE": n, "FAIL": 1}
+    # The killed worker's run was ended FAILED on its behalf; one run per trial, none RUNNING.
+    runs = assert_runs_match_trials(tracking["uri"], name, trial_list)
+    assert runs[victim.number].info.status == "FAILED"
+    assert "droptune.error" in runs[victim.number].data.tags
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,11 +128,19 @@ def test_interrupt_fails_running_trials_exits_130_and_resumes(
     write_spec: SpecWriter,
     sqlite_url: str,
     capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     name = f"int-{how}"
     n = 3
     graceful = how.startswith("graceful")
-    path = write_spec(study={"name": name}, train=LONG_TRAIN, execution=FAST_BEATS, n_trials=n)
+    tracking = tracking_section(tmp_path)
+    path = write_spec(
+        study={"name": name},
+        train=LONG_TRAIN,
+        execution=FAST_BEATS,
+        tracking=tracking,
+        n_trials=n,
+    )
     if how == "sigterm-to-worker":
         proc = procs.start("worker", str(path))
     else:
@@ -160,11 +178,14 @@ def test_interrupt_fails_running_trials_exits_130_and_resumes(
             assert "interrupted" in reason, reason
     if how != "sigterm-to-worker":
         assert "interrupted: run the same command again to resume" in err
+    # No MLflow run is left RUNNING either: each ended trial's run has its final status.
+    assert_runs_match_trials(tracking["uri"], name, trial_list)
 
     assert main(["run", str(path), "--workers", "1"]) == 0, capsys.readouterr().err[-3000:]
     trial_list = trials(sqlite_url, name)
     assert counts(trial_list).get("RUNNING", 0) == 0
     assert finished(trial_list) == n, counts(trial_list)
+    assert_runs_match_trials(tracking["uri"], name, trial_list)
 
 
 # ----------------------------------------------------------------------------------------------
