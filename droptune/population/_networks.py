@@ -1,0 +1,649 @@
+"""Population networks: P networks of one built-in family as stacked parameters ``[P, ...]``.
+
+Member ``i`` computes the same function as ``build_network(config_i, info)`` with the same
+weights: dense layers are batched matrix products (``baddbmm``) over ``[P, N, F]`` activations;
+convolutions are grouped convolutions over ``[N, P·C, ...]`` (P folded into the channels, so
+batch norm per member is ``F.batch_norm`` over ``P·C`` channels and ``GroupNorm(1, C)`` per member
+is ``group_norm`` with P groups); recurrent layers are Gal & Ghahramani GRU/LSTM cells stepped
+over time with one ``baddbmm`` per step for all members. Dropout uses droptune's layers with a
+``[P]`` rate tensor (one rate per member); a site whose rate is 0 for every member is skipped.
+
+A layer that reads the shared input (no input dropout) does it with one GEMM against all members'
+weights (``[N, F] @ [F, P·H]``) instead of P copies of the input.
+
+Every stacked tensor maps to one key of the single network's ``state_dict``
+(:meth:`PopulationNetwork.member_state_dict`), so a member's weights load into
+``build_network(config, info)`` and vice versa (:meth:`PopulationNetwork.load_members`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence
+import re
+from typing import Any
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch import nn
+import torch.nn.functional as F
+
+from droptune.config import TrainConfig
+from droptune.data import DataInfo
+from droptune.exceptions import ConfigError
+from droptune.layers import DropConnect
+from droptune.layers import make_dropout
+from droptune.models import build_network
+from droptune.population._support import population_support
+
+
+__all__ = ["PopulationNetwork", "build_population"]
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "tanh": torch.tanh,
+    "selu": F.selu,
+    "elu": F.elu,
+}
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+_EPS = 1e-5  # the default eps of BatchNorm, LayerNorm and GroupNorm
+_BN_MOMENTUM = 0.1
+
+
+def _key(qualname: str, local: str) -> str:
+    """The single network's ``state_dict`` key of ``<qualname>.<local>`` without DropConnect
+    (with it, a weight's key is ``<qualname>.parametrizations.<local>.original``)."""
+    return f"{qualname}.{local}" if qualname else local
+
+
+_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
+
+
+def _plain(key: str) -> str:
+    """``a.parametrizations.weight.original`` → ``a.weight``."""
+    return _PARAMETRIZED.sub(r"\1\2", key)
+
+
+def _parametrized(key: str) -> str:
+    """``a.weight`` → ``a.parametrizations.weight.original``."""
+    owner, _, local = key.rpartition(".")
+    return (
+        f"{owner}.parametrizations.{local}.original"
+        if owner
+        else f"parametrizations.{local}.original"
+    )
+
+
+def _site_dropout(
+    configs: Sequence[TrainConfig],
+    site: str,
+    rate_field: str | None = None,
+    max_block: int | None = None,
+) -> nn.Module | None:
+    """The population dropout of ``site`` with each member's rate; None when all rates are 0.
+
+    Sequences are laid out time-major per member (``[P, T, N, F]``), hence
+    ``batch_first=False`` for variational dropout.
+    """
+    rates: list[float] = []
+    kind, options = "none", dict[str, Any]()
+    for config in configs:
+        drop = config.regularization.dropout
+        kind, rate, options = drop.for_site(site)
+        rates.append(drop.rate(rate_field) if rate_field is not None else rate)
+    if kind == "none" or not any(rates):
+        return None
+    if kind == "variational":
+        options["batch_first"] = False
+    if kind == "dropblock" and max_block is not None:
+        options["block_size"] = min(options["block_size"], max_block)
+    return make_dropout(kind, torch.tensor(rates), **options)
+
+
+def _weight_drop(configs: Sequence[TrainConfig], field: str) -> DropConnect | None:
+    rates = [c.regularization.dropout.rate(field) for c in configs]
+    return DropConnect(torch.tensor(rates)) if any(rates) else None
+
+
+class _Stacked(nn.Module):
+    """A layer of P members. ``sources`` maps each local tensor name to its single-network
+    ``state_dict`` key (without DropConnect); ``weight_drops`` the locals that carry a
+    DropConnect mask (a member with a non-zero rate has the parametrized key); ``decayed``
+    names the parameters that L2 decays (weights, not biases or norm parameters);
+    ``max_norm`` the weights that max-norm projects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: dict[str, str] = {}
+        self.weight_drops: dict[str, DropConnect] = {}
+        self.decayed: set[str] = set()
+        self.max_norm: set[str] = set()
+
+
+class _Linear(_Stacked):
+    """P ``nn.Linear`` layers: weight ``[P, out, in]``, bias ``[P, out]``; optional DropConnect."""
+
+    def __init__(
+        self, size: int, template: nn.Linear, qualname: str, weight_drop: DropConnect | None
+    ) -> None:
+        super().__init__()
+        out_f, in_f = template.out_features, template.in_features
+        self.weight = nn.Parameter(torch.zeros(size, out_f, in_f))
+        self.bias = nn.Parameter(torch.zeros(size, out_f))
+        self.weight_drop = weight_drop
+        self.sources = {n: _key(qualname, n) for n in ("weight", "bias")}
+        if weight_drop is not None:
+            self.weight_drops["weight"] = weight_drop
+        self.decayed = {"weight"}
+        self.max_norm = {"weight"}
+
+    def _weight(self) -> Tensor:
+        return self.weight if self.weight_drop is None else self.weight_drop(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[P, N, in] → [P, N, out]``."""
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self._weight().transpose(1, 2))
+
+    def shared(self, x: Tensor) -> Tensor:
+        """The same input ``[N, in]`` for every member → ``[P, N, out]``, one GEMM."""
+        weight = self._weight()
+        size, out_f, in_f = weight.shape
+        flat = torch.mm(x, weight.reshape(size * out_f, in_f).t())
+        return flat.view(x.shape[0], size, out_f).transpose(0, 1) + self.bias.unsqueeze(1)
+
+
+class _Norm(_Stacked):
+    """Per-member batch norm or layer norm (``GroupNorm(1, C)`` for convolutions).
+
+    Dense activations are ``[P, N, W]``; convolutional ones ``[N, P·C, ...]``. Batch norm keeps
+    one set of running statistics per member; a member whose ``active`` weight is 0 (frozen)
+    keeps its statistics unchanged.
+    """
+
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+
+    def __init__(self, size: int, template: nn.Module, qualname: str, conv: bool) -> None:
+        super().__init__()
+        if isinstance(template, nn.modules.batchnorm._BatchNorm):
+            self.kind: Literal["batch", "layer"] = "batch"
+            width = template.num_features
+        elif isinstance(template, nn.LayerNorm | nn.GroupNorm):
+            self.kind = "layer"
+            width = (
+                template.num_channels
+                if isinstance(template, nn.GroupNorm)
+                else template.normalized_shape[0]
+            )
+        else:
+            raise ConfigError(f"population networks have no {type(template).__name__}")
+        self.conv = conv
+        self.weight = nn.Parameter(torch.ones(size, width))
+        self.bias = nn.Parameter(torch.zeros(size, width))
+        names = ["weight", "bias"]
+        if self.kind == "batch":
+            self.register_buffer("running_mean", torch.zeros(size, width))
+            self.register_buffer("running_var", torch.ones(size, width))
+            self.register_buffer("num_batches_tracked", torch.zeros(size, dtype=torch.long))
+            names += ["running_mean", "running_var", "num_batches_tracked"]
+        self.sources = {n: _key(qualname, n) for n in names}
+
+    def forward(self, x: Tensor, active: Tensor, all_active: bool) -> Tensor:
+        if self.conv:
+            return self._conv(x, active, all_active)
+        if self.kind == "layer":
+            y = F.layer_norm(x, x.shape[-1:], eps=_EPS)
+        elif self.training:
+            mean = x.mean(1, keepdim=True)
+            var = x.var(1, unbiased=False, keepdim=True)
+            self._track(mean.squeeze(1), var.squeeze(1), x.shape[1], active)
+            y = (x - mean) * torch.rsqrt(var + _EPS)
+        else:
+            mean, var = self.running_mean.unsqueeze(1), self.running_var.unsqueeze(1)
+            y = (x - mean) * torch.rsqrt(var + _EPS)
+        return torch.addcmul(self.bias.unsqueeze(1), y, self.weight.unsqueeze(1))
+
+    @torch.no_grad()
+    def _track(self, mean: Tensor, var: Tensor, n: int, active: Tensor) -> None:
+        if n < 2:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {n}")
+        weight = (_BN_MOMENTUM * active).to(mean.dtype).unsqueeze(1)
+        self.running_mean.lerp_(mean.detach(), weight)
+        self.running_var.lerp_(var.detach() * (n / (n - 1)), weight)
+        self.num_batches_tracked.add_(active.to(torch.long))
+
+    def _conv(self, x: Tensor, active: Tensor, all_active: bool) -> Tensor:
+        size = self.weight.shape[0]
+        weight, bias = self.weight.reshape(-1), self.bias.reshape(-1)
+        if self.kind == "layer":
+            return F.group_norm(x, size, weight, bias, _EPS)
+        if not self.training or all_active:
+            if self.training:
+                self.num_batches_tracked.add_(1)
+            return F.batch_norm(
+                x,
+                self.running_mean.view(-1),
+                self.running_var.view(-1),
+                weight,
+                bias,
+                self.training,
+                _BN_MOMENTUM,
+                _EPS,
+            )
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        y = F.batch_norm(x, mean.view(-1), var.view(-1), weight, bias, True, _BN_MOMENTUM, _EPS)
+        with torch.no_grad():
+            keep = active.to(mean.dtype).unsqueeze(1)
+            self.running_mean.lerp_(mean, keep)
+            self.running_var.lerp_(var, keep)
+            self.num_batches_tracked.add_(active.to(torch.long))
+        return y
+
+
+class _Conv(_Stacked):
+    """P ``nn.Conv1d/2d`` layers as one grouped convolution over ``[N, P·C, ...]``."""
+
+    def __init__(self, size: int, template: nn.modules.conv._ConvNd, qualname: str) -> None:
+        super().__init__()
+        self.dims = len(template.kernel_size)
+        self.padding = template.padding
+        self.weight = nn.Parameter(torch.zeros(size, *template.weight.shape))
+        self.bias = nn.Parameter(torch.zeros(size, template.out_channels))
+        self.sources = {n: _key(qualname, n) for n in ("weight", "bias")}
+        self.decayed = {"weight"}
+        self.max_norm = {"weight"}
+
+    def forward(self, x: Tensor, shared: bool = False) -> Tensor:
+        """``[N, P·C_in, ...]`` (or the shared ``[N, C_in, ...]``) → ``[N, P·C_out, ...]``."""
+        size = self.weight.shape[0]
+        weight = self.weight.reshape(-1, *self.weight.shape[2:])
+        conv = F.conv1d if self.dims == 1 else F.conv2d
+        groups = 1 if shared else size
+        return conv(x, weight, self.bias.reshape(-1), 1, self.padding, 1, groups)
+
+
+class _Recurrent(_Stacked):
+    """One single-layer (possibly bidirectional) variational GRU or LSTM for P members.
+
+    Per direction, like :class:`droptune.layers.VariationalGRU`: the input projection of all
+    steps at once, then one ``baddbmm`` per step on the (masked) hidden state. The recurrent
+    mask (``recurrent_rate``) and the DropConnect mask on ``weight_hh`` are drawn once per
+    forward call per direction and reused at every step.
+    """
+
+    recurrent_rate: Tensor
+
+    def __init__(
+        self,
+        size: int,
+        template: nn.RNNBase,
+        qualname: str,
+        recurrent_rates: Tensor,
+        weight_drop: DropConnect | None,
+    ) -> None:
+        super().__init__()
+        self.cell = "lstm" if isinstance(template, nn.LSTM) else "gru"
+        self.hidden_size = template.hidden_size
+        self.directions = 2 if template.bidirectional else 1
+        self.weight_drop = weight_drop
+        self.register_buffer("recurrent_rate", recurrent_rates.clone(), persistent=False)
+        self.has_mask = bool((recurrent_rates > 0).any())
+        for direction in range(self.directions):
+            suffix = "_reverse" if direction else ""
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                local = f"{name}_l0{suffix}"
+                shape = getattr(template, local).shape
+                self.register_parameter(local, nn.Parameter(torch.zeros(size, *shape)))
+                self.sources[local] = _key(qualname, local)
+                if name.startswith("weight"):
+                    self.decayed.add(local)
+                if name == "weight_hh" and weight_drop is not None:
+                    self.weight_drops[local] = weight_drop
+
+    def _param(self, name: str) -> Tensor:
+        value = getattr(self, name)
+        assert isinstance(value, Tensor)
+        return value
+
+    def forward(self, x: Tensor, shared: bool = False) -> tuple[Tensor, Tensor]:
+        """``[P, T, N, F]`` (or shared ``[T, N, F]``) → outputs ``[P, T, N, D·H]`` and the
+        final hidden states ``[P, N, D·H]`` (forward direction first)."""
+        outputs: list[Tensor] = []
+        finals: list[Tensor] = []
+        for direction in range(self.directions):
+            suffix = "_reverse" if direction else ""
+            out, last = self._direction(x, shared, suffix, reverse=bool(direction))
+            outputs.append(out)
+            finals.append(last)
+        return torch.cat(outputs, dim=-1), torch.cat(finals, dim=-1)
+
+    def _direction(
+        self, x: Tensor, shared: bool, suffix: str, reverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        w_ih, b_ih = self._param(f"weight_ih_l0{suffix}"), self._param(f"bias_ih_l0{suffix}")
+        w_hh, b_hh = self._param(f"weight_hh_l0{suffix}"), self._param(f"bias_hh_l0{suffix}")
+        if self.weight_drop is not None:
+            w_hh = self.weight_drop(w_hh)  # one mask for the whole sequence
+        size, gates = w_ih.shape[0], w_ih.shape[1]
+        if shared:  # [T, N, F] @ every member's W_ih in one GEMM
+            steps, batch, features = x.shape
+            flat = torch.mm(x.reshape(steps * batch, features), w_ih.reshape(-1, features).t())
+            gates_in = flat.view(steps, batch, size, gates).permute(2, 0, 1, 3)
+            gates_in = gates_in + b_ih[:, None, None, :]
+        else:
+            _, steps, batch, features = x.shape
+            gates_in = torch.baddbmm(
+                b_ih.unsqueeze(1), x.reshape(size, steps * batch, features), w_ih.transpose(1, 2)
+            ).view(size, steps, batch, gates)
+        h = gates_in.new_zeros(size, batch, self.hidden_size)
+        c = torch.zeros_like(h) if self.cell == "lstm" else h
+        mask = None
+        if self.training and self.has_mask:
+            keep = (1.0 - self.recurrent_rate).to(h.dtype).view(-1, 1, 1)
+            mask = (torch.rand_like(h) < keep).to(h.dtype).div_(keep)
+        w_hh_t, b_hh = w_hh.transpose(1, 2), b_hh.unsqueeze(1)
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
+        out: list[Tensor] = [h] * steps
+        for t in order:
+            gh = torch.baddbmm(b_hh, h if mask is None else h * mask, w_hh_t)
+            gi = gates_in[:, t]
+            if self.cell == "lstm":
+                i, f, g, o = (gi + gh).chunk(4, dim=-1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+            else:
+                r_i, z_i, n_i = gi.chunk(3, dim=-1)
+                r_h, z_h, n_h = gh.chunk(3, dim=-1)
+                r = torch.sigmoid(r_i + r_h)
+                z = torch.sigmoid(z_i + z_h)
+                n = torch.tanh(n_i + r * n_h)
+                h = (1.0 - z) * n + z * h
+            out[t] = h
+        return torch.stack(out, dim=1), h
+
+
+def _member_major(x: Tensor, size: int) -> Tensor:
+    """``[N, P·C, ...]`` → a ``[P, N, C, ...]`` view."""
+    return x.view(x.shape[0], size, -1, *x.shape[2:]).movedim(1, 0)
+
+
+def _channel_major(x: Tensor) -> Tensor:
+    """``[P, N, C, ...]`` → ``[N, P·C, ...]``."""
+    moved = x.movedim(0, 1)
+    return moved.reshape(moved.shape[0], -1, *moved.shape[3:])
+
+
+class PopulationNetwork(nn.Module):
+    """P networks of the family of ``configs`` (one config per member) as one module.
+
+    ``forward(x)`` takes one batch ``[N, *input_shape]`` shared by all members and returns
+    ``[P, N, out]``. Train/eval mode switches dropout and batch norm like the single network.
+    ``active`` (a ``[P]`` float buffer of 0/1, set with :meth:`set_active`) freezes members'
+    batch-norm statistics; the trainer also masks their updates.
+
+    Args:
+        configs: One TrainConfig per member; they must pass :func:`population_support`.
+        info: The data description (input shape, task, classes).
+        template: ``build_network(configs[0], info)`` if already built (its weights are not
+            used; it defines the structure and the ``state_dict`` keys).
+    """
+
+    active: Tensor
+
+    def __init__(
+        self,
+        configs: Sequence[TrainConfig],
+        info: DataInfo,
+        template: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        reason = population_support(configs)
+        if reason is not None:
+            raise ConfigError(f"these configs cannot train as one population: {reason}")
+        if template is None:
+            with torch.random.fork_rng(devices=[]):
+                template = build_network(configs[0], info)
+        self.family = configs[0].model.family
+        self.activation = _ACTIVATIONS[configs[0].model.activation]
+        self.register_buffer("active", torch.ones(len(configs)), persistent=False)
+        self.all_active = True
+        names = {id(m): name for name, m in template.named_modules()}
+        linears = [m for m in template.modules() if isinstance(m, nn.Linear)]
+        norms = [m for m in template.modules() if isinstance(m, _NORMS)]
+        size = len(configs)
+        self.input_drop: nn.Module | None = None
+        self.conv_drop: nn.Module | None = None
+        self.convs = nn.ModuleList()
+        self.conv_norms = nn.ModuleList()
+        self.pool = False
+        self.pools: list[bool] = []
+        self.recurrent = nn.ModuleList()
+        self.between_drop: nn.Module | None = None
+        if self.family == "cnn":
+            convs = [m for m in template.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+            spatial = list(info.input_shape[1:])
+            self.input_drop = _site_dropout(configs, "input")
+            self.conv_drop = _site_dropout(configs, "conv", max_block=min(spatial))
+            for conv in convs:
+                self.convs.append(_Conv(size, conv, names[id(conv)]))
+                self.pools.append(min(spatial) >= 2)
+                if self.pools[-1]:
+                    spatial = [s // 2 for s in spatial]
+            conv_norms, norms = norms[: len(convs)], norms[len(convs) :]
+            for norm in conv_norms:
+                self.conv_norms.append(_Norm(size, norm, names[id(norm)], conv=True))
+        elif self.family == "rnn":
+            self.input_drop = _site_dropout(configs, "sequence", "input_rate")
+            self.between_drop = _site_dropout(configs, "sequence")
+            recurrent_rates = torch.tensor(
+                [c.regularization.dropout.rate("recurrent_rate") for c in configs]
+            )
+            layers = template.layers
+            assert isinstance(layers, nn.ModuleList)
+            for layer in layers:
+                assert isinstance(layer, nn.RNNBase)
+                self.recurrent.append(
+                    _Recurrent(
+                        size,
+                        layer,
+                        names[id(layer)],
+                        recurrent_rates,
+                        _weight_drop(configs, "recurrent_weight_rate"),
+                    )
+                )
+        else:
+            self.input_drop = _site_dropout(configs, "input")
+        self.hidden_drop = _site_dropout(configs, "hidden")
+        self.linears = nn.ModuleList(
+            _Linear(size, m, names[id(m)], _weight_drop(configs, "weight_rate")) for m in linears
+        )
+        self.norms = nn.ModuleList(_Norm(size, m, names[id(m)], conv=False) for m in norms)
+        self._sources = self._collect_sources()
+
+    # ----------------------------------------------------------------------------------------
+    # structure
+
+    @property
+    def size(self) -> int:
+        """The number of members P (rows of every stacked tensor)."""
+        return int(self.active.shape[0])
+
+    def _collect_sources(self) -> list[tuple[str, str, DropConnect | None]]:
+        """(stacked tensor name, plain single-network key, DropConnect of that tensor)."""
+        out = []
+        for name, module in self.named_modules():
+            if isinstance(module, _Stacked):
+                prefix = f"{name}." if name else ""
+                out += [
+                    (prefix + local, key, module.weight_drops.get(local))
+                    for local, key in module.sources.items()
+                ]
+        return out
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {**dict(self.named_parameters()), **dict(self.named_buffers())}
+
+    def _flagged(self, attribute: str) -> list[Tensor]:
+        out = []
+        for module in self.modules():
+            if isinstance(module, _Stacked):
+                out += [getattr(module, n) for n in sorted(getattr(module, attribute))]
+        return out
+
+    def decayed_parameters(self) -> list[Tensor]:
+        """The parameters L2 acts on: weights of linear, conv and recurrent layers (biases and
+        norm parameters are never decayed, as in :func:`droptune.layers.decay_split`)."""
+        return self._flagged("decayed")
+
+    def max_norm_weights(self) -> list[Tensor]:
+        """The weights max-norm projects: every Linear and Conv weight (not recurrent ones, as
+        in :func:`droptune.layers.max_norm_`)."""
+        return self._flagged("max_norm")
+
+    # ----------------------------------------------------------------------------------------
+    # members
+
+    @torch.no_grad()
+    def load_members(self, states: Sequence[dict[str, Tensor]]) -> None:
+        """Copy one single-network ``state_dict`` per member into the stacked tensors."""
+        if len(states) != self.size:
+            raise ValueError(f"expected {self.size} state dicts, got {len(states)}")
+        tensors = self._tensors()
+        plain = [{_plain(key): value for key, value in state.items()} for state in states]
+        for name, key, _ in self._sources:
+            tensors[name].copy_(torch.stack([state[key] for state in plain]))
+
+    @torch.no_grad()
+    def member_state_dict(self, index: int) -> dict[str, Tensor]:
+        """Member ``index``'s weights as the ``state_dict`` of ``build_network(config, info)``."""
+        tensors = self._tensors()
+        out = {}
+        for name, key, drop in self._sources:
+            if drop is not None and isinstance(drop.p, Tensor) and float(drop.p[index]) > 0:
+                key = _parametrized(key)
+            out[key] = tensors[name][index].detach().clone()
+        return out
+
+    @torch.no_grad()
+    def set_active(self, mask: Tensor) -> None:
+        """Mark members active (True) or frozen (False); frozen batch-norm statistics stay."""
+        self.active.copy_(mask.to(self.active))
+        self.all_active = bool(mask.all())
+
+    @torch.no_grad()
+    def keep(self, index: Tensor) -> None:
+        """Keep only the members at ``index`` (in that order): every stacked parameter, buffer
+        and per-member rate is indexed along its leading axis. Parameters become new tensors:
+        optimizers over the old ones must be rebuilt or re-pointed."""
+        index = index.to(self.active.device)
+        for module in self.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None:
+                    fresh = nn.Parameter(param.detach().index_select(0, index).clone())
+                    fresh.requires_grad_(param.requires_grad)
+                    module._parameters[name] = fresh
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None:
+                    module._buffers[name] = buffer.index_select(0, index.to(buffer.device))
+        self.all_active = bool(self.active.bool().all())
+
+    # ----------------------------------------------------------------------------------------
+    # forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        """One shared batch ``[N, *input_shape]`` → every member's output ``[P, N, out]``."""
+        if self.family == "cnn":
+            return self._dense(self._features(x), shared=False)
+        if self.family == "rnn":
+            return self._dense(self._sequence(x), shared=False)
+        flat = x.flatten(1)
+        if self.input_drop is None:
+            return self._dense(flat, shared=True)
+        return self._dense(self.input_drop(flat.expand(self.size, *flat.shape)), shared=False)
+
+    def _dense(self, h: Tensor, shared: bool) -> Tensor:
+        """Hidden dropout (conv/recurrent features) → [Linear → norm → act → dropout]* → head."""
+        if not shared and self.family != "mlp" and self.hidden_drop is not None:
+            h = self.hidden_drop(h)
+        last = len(self.linears) - 1
+        for index, linear in enumerate(self.linears):
+            assert isinstance(linear, _Linear)
+            h = linear.shared(h) if shared else linear(h)
+            shared = False
+            if index == last:
+                break
+            if self.norms:
+                norm = self.norms[index]
+                assert isinstance(norm, _Norm)
+                h = norm(h, self.active, self.all_active)
+            h = self.activation(h)
+            if self.hidden_drop is not None:
+                h = self.hidden_drop(h)
+        return h
+
+    def _features(self, x: Tensor) -> Tensor:
+        """Convolution blocks → flattened features ``[P, N, F]``."""
+        size = self.size
+        shared = self.input_drop is None
+        h = x
+        if self.input_drop is not None:
+            h = _channel_major(self.input_drop(x.expand(size, *x.shape)))
+        pool = F.max_pool1d if x.dim() == 3 else F.max_pool2d
+        for index, conv in enumerate(self.convs):
+            assert isinstance(conv, _Conv)
+            h = conv(h, shared=shared)
+            shared = False
+            if self.conv_norms:
+                norm = self.conv_norms[index]
+                assert isinstance(norm, _Norm)
+                h = norm(h, self.active, self.all_active)
+            h = self.activation(h)
+            if self.conv_drop is not None:
+                h = _channel_major(self.conv_drop(_member_major(h, size)))
+            if self.pools[index]:
+                h = pool(h, 2)
+        return h.reshape(h.shape[0], size, -1).transpose(0, 1)
+
+    def _sequence(self, x: Tensor) -> Tensor:
+        """``[N, T, F]`` → the last layer's final hidden states ``[P, N, D·H]``."""
+        h = x.transpose(0, 1)  # time-major [T, N, F]
+        shared = self.input_drop is None
+        if self.input_drop is not None:
+            h = self.input_drop(h.expand(self.size, *h.shape))
+        last = h
+        for index, layer in enumerate(self.recurrent):
+            assert isinstance(layer, _Recurrent)
+            h, last = layer(h, shared=shared)
+            shared = False
+            if index < len(self.recurrent) - 1 and self.between_drop is not None:
+                h = self.between_drop(h)
+        return last
+
+
+def build_population(
+    configs: Sequence[TrainConfig], info: DataInfo, *, init: Literal["exact"] = "exact"
+) -> PopulationNetwork:
+    """A :class:`PopulationNetwork` whose member ``i`` starts from exactly the weights the
+    single-model path initialises for ``configs[i]``: ``build_network`` right after seeding
+    torch with ``configs[i].train.seed`` (what :meth:`TrainConfig.build_module` does).
+
+    The caller's random state is left untouched. Cost: one single-network initialisation per
+    member on the CPU (dominated by the random draws; ~10 ms per 1.8 M parameters).
+    """
+    if init != "exact":
+        raise ConfigError(f"init: must be 'exact', got {init!r}")
+    states: list[dict[str, Tensor]] = []
+    template: nn.Module | None = None
+    with torch.random.fork_rng(devices=[]):
+        for config in configs:
+            torch.manual_seed(config.train.seed)
+            net = build_network(config, info)
+            template = template or net
+            states.append(net.state_dict())
+    population = PopulationNetwork(configs, info, template)
+    population.load_members(states)
+    return population
