@@ -98,13 +98,13 @@ def start_server(
             parents=True, exist_ok=True
         )
     log_path = log_path or artifacts.parent / f"mlflow-server-{port}.log"
+    # The backend store URI goes through the environment (``mlflow server`` reads
+    # MLFLOW_BACKEND_STORE_URI), never the command line, where ``ps`` would show its password.
     cmd = [
         sys.executable,
         "-m",
         "mlflow",
         "server",
-        "--backend-store-uri",
-        backend_store_uri,
         "--artifacts-destination",
         str(artifacts.resolve()),
         "--serve-artifacts",
@@ -117,11 +117,15 @@ def start_server(
     ]
     if allowed_hosts:
         cmd += ["--allowed-hosts", allowed_hosts]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log_file = log_path.open("wb")
-    process = subprocess.Popen(
-        cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
+    env = {
+        **os.environ,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_BACKEND_STORE_URI": backend_store_uri,
+    }
+    with log_path.open("wb") as log_file:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     server = MlflowServer(process, host, port, log_path)
     deadline = time.time() + wait
     while time.time() < deadline:
