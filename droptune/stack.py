@@ -72,6 +72,9 @@ BACKEND_ENV = "DROPTUNE_MLFLOW_BACKEND_STORE_URI"
 #: The detached supervisor's request (with its secrets): read once and removed from its env.
 _REQUEST_ENV = "_DROPTUNE_STACK_REQUEST"
 _LOCAL_HOSTS = ("0.0.0.0", "::", "")
+#: Added to ``--allowed-hosts`` (which replaces MLflow's defaults): the supervisor and the local
+#: workers reach the server as 127.0.0.1.
+_LOCAL_ALLOWED = ("localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*")
 _PROGRESS_EVERY_S = 15.0
 
 
@@ -508,7 +511,11 @@ class _Supervisor:
                 self.state_dir / "mlartifacts",
                 host=request.host,
                 port=request.port,
-                allowed_hosts=request.allowed_hosts,
+                allowed_hosts=(
+                    ",".join([request.allowed_hosts, *_LOCAL_ALLOWED])
+                    if request.allowed_hosts
+                    else None
+                ),
                 log_path=self.state_dir / "mlflow.log",
             )
             self._add(ProcRef.of("mlflow", self.server.process.pid, log=str(self.server.log_path)))

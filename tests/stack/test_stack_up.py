@@ -22,7 +22,9 @@ import subprocess
 import sys
 import time
 from typing import Any
+import urllib.error
 from urllib.parse import urlparse
+import urllib.request
 
 from mlflow import MlflowClient
 import pytest
@@ -85,6 +87,20 @@ def port_open(host: str, port: int) -> bool:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.settimeout(1)
         return sock.connect_ex((host, port)) == 0
+
+
+def host_status(url: str, host: str) -> int:
+    """The HTTP status of an MLflow API request to ``url`` sent with the ``Host`` header
+    ``host``."""
+    request = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={NAME}",
+        headers={"Host": host},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
 
 
 class StackCli:
@@ -154,6 +170,8 @@ def test_stack_up_runs_the_study_with_mlflow_and_down_stops_everything(
         str(WORKERS),
         "--state-dir",
         str(state_dir),
+        "--allowed-hosts",
+        "stack-head,stack-head:*",
         "--detach",
     )
     assert up.returncode == 0, up.stderr[-4000:]
@@ -212,6 +230,10 @@ def test_stack_up_runs_the_study_with_mlflow_and_down_stops_everything(
     assert not [r for r in children if r.info.status == "RUNNING"]
     logged = json.dumps([r.to_dictionary() for r in runs])
     assert SECRET not in logged
+
+    # --allowed-hosts: the names given (and localhost) are answered, other Host headers not.
+    assert host_status(url, f"stack-head:{parsed.port}") == 200
+    assert host_status(url, f"elsewhere:{parsed.port}") == 403
 
     status = stack("status", "--state-dir", str(state_dir))
     assert status.returncode == 0 and "state: done" in status.stdout
