@@ -52,6 +52,8 @@ def trial_config(study: Any, trial: Any) -> TrainConfig:
     seed = trial.user_attrs.get("droptune.seed")
     if seed is not None:
         overrides["train.seed"] = int(seed)
+    # What the trial changed itself, e.g. a halved batch size after running out of memory.
+    overrides.update(trial.user_attrs.get("droptune.overrides") or {})
     return base.with_overrides(overrides)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import optuna
 import pytorch_lightning as pl
+import torch
 
 from droptune.study.space import suggest
 
@@ -66,6 +67,19 @@ class PruningCallback(pl.Callback):
             raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.monitor}={number:.6g})")
 
 
+def _oom_reason(exc: BaseException, batch_size: int) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+    return f"out of memory at batch size {batch_size}: {first[:300]}"
+
+
+def _release_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class _History(pl.Callback):
     """One row per epoch: the epoch, its validation metrics, its training metrics, the learning
     rate and the epoch's wall time. A pruned epoch keeps its validation row.
@@ -79,6 +93,10 @@ class _History(pl.Callback):
         self._by_epoch: dict[int, dict[str, float]] = {}
         self._started = 0.0
         self._open: int | None = None
+
+    def reset(self) -> None:
+        self._by_epoch.clear()
+        self._open = None
 
     def _row(self, epoch: int) -> dict[str, float]:
         if epoch not in self._by_epoch:
@@ -182,8 +200,6 @@ class Objective:
             self.tracking.trial_ended(trial, state, values, config)
 
     def _run(self, trial: optuna.Trial) -> float | list[float]:
-        from droptune.training import fit
-
         for hook in self.on_trial_start:
             hook(trial)
         cfg, _ = self.config_for(trial)
@@ -205,7 +221,7 @@ class Objective:
         callbacks: list[Any] = [history, *self.extra_callbacks]
         if len(objectives) == 1 and self.spec.pruner.name != "none":
             callbacks.append(PruningCallback(trial, objectives[0]))
-        result = fit(cfg, test=False, callbacks=callbacks)
+        result = self._fit_oom_safe(trial, cfg, callbacks)
         trial.set_user_attr("droptune.epochs", result.epochs)
         trial.set_user_attr("droptune.stopped_early", result.stopped_early)
         final = dict(result.metrics)
@@ -218,6 +234,35 @@ class Objective:
             value = self._best(objectives[0], directions[0], history.rows, final)
             return value
         return [self._final(m, final) for m in objectives]
+
+    def _fit_oom_safe(self, trial: optuna.Trial, cfg: TrainConfig, callbacks: list[Any]) -> Any:
+        """``fit``, turning an out-of-memory error into a failed trial with its reason, after
+        releasing the memory; with ``execution.oom_retry`` the trial is first tried once more
+        at half the batch size (recorded in ``droptune.overrides``, which export applies)."""
+        from droptune.training import fit
+
+        batch_size = cfg.data.batch_size
+        try:
+            return fit(cfg, test=False, callbacks=callbacks)
+        except torch.cuda.OutOfMemoryError as exc:
+            reason = _oom_reason(exc, batch_size)
+        _release_memory()  # the traceback (and the tensors its frames held) is gone by now
+        if not self.spec.execution.oom_retry or batch_size < 2:
+            raise TrialFailed(reason)
+        smaller = batch_size // 2
+        log.warning("trial %d: %s; retrying once at batch size %d", trial.number, reason, smaller)
+        trial.set_user_attr("droptune.oom", reason)
+        trial.set_user_attr("droptune.overrides", {"data.batch_size": smaller})
+        cfg = cfg.with_overrides({"data.batch_size": smaller})
+        self._config = cfg
+        self._history.rows.clear()
+        self._history.reset()
+        try:
+            return fit(cfg, test=False, callbacks=callbacks)
+        except torch.cuda.OutOfMemoryError as exc:
+            reason = _oom_reason(exc, smaller) + f" (after a retry from batch size {batch_size})"
+        _release_memory()
+        raise TrialFailed(reason)
 
     @staticmethod
     def _final(metric: str, final: dict[str, float]) -> float:

@@ -160,6 +160,8 @@ class ExecutionSection(StrictModel):
     heartbeat_interval: int = Field(default=10, ge=1)
     grace_period: int = Field(default=30, ge=2)
     max_consecutive_failures: int = Field(default=5, ge=1)
+    #: On out-of-memory, retry the trial once at half the batch size (else it fails).
+    oom_retry: bool = False
 
 
 class StudySpec(StrictModel):

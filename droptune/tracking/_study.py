@@ -360,6 +360,8 @@ class StudyTracking:
             "droptune.epochs": str(frozen.user_attrs.get("droptune.epochs", "")),
             "optuna.trial_number": str(frozen.number),
         }
+        if frozen.user_attrs.get("droptune.traceback"):
+            tags["droptune.traceback"] = str(frozen.user_attrs["droptune.traceback"])[-5000:]
         if frozen.values is not None:
             tags["optuna.values"] = ",".join(f"{v:.6g}" for v in frozen.values)
         self.tracker.finish_trial_run(

@@ -268,3 +268,110 @@ def test_always_failing_model_stops_the_worker_after_max_consecutive_failures(
     err = capsys.readouterr().err
     assert "did not reach its trial count" in err
     assert counts(trials(sqlite_url, name)) == {"FAIL": 4}
+
+
+# ----------------------------------------------------------------------------------------------
+# Out of memory (torch.cuda.OutOfMemoryError, injected on the CPU): FAIL with the reason, the
+# trial's model and tensors released, the worker carries on; optionally one retry at half the
+# batch size, which the exported config then carries.
+
+OOM_MODEL: dict[str, Any] = {
+    "family": "custom",
+    "target": "tests.study.faulty_models:OomAbove",
+    "kwargs": {"limit": 32},
+    "hidden": DELETE,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("retry", [False, True])
+def test_out_of_memory_fails_or_retries_at_half_batch_and_releases_memory(
+    retry: bool,
+    write_spec: SpecWriter,
+    sqlite_url: str,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import gc
+
+    from tests.study import faulty_models
+
+    name = f"oom-{retry}"
+    path = write_spec(
+        study={"name": name},
+        model=OOM_MODEL,
+        data={"batch_size": 64},
+        search={"data.batch_size": {"choices": [64, 16]}},
+        pruner={"name": "none"},
+        execution={"oom_retry": retry},
+        n_trials=2,
+    )
+    assert main(["run", str(path), "--workers", "0"]) == 0
+    study = optuna.load_study(study_name=name, storage=sqlite_url)
+    for size in (64, 16) if retry else (64, 16, 16):
+        study.enqueue_trial({"data.batch_size": size})
+    faulty_models.BUILT.clear()
+
+    code = main(["worker", str(path)])
+
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    trial_list = trials(sqlite_url, name)
+    first = trial_list[0]
+    if retry:
+        assert [t.state.name for t in trial_list] == ["COMPLETE", "COMPLETE"]
+        assert first.user_attrs["droptune.overrides"] == {"data.batch_size": 32}
+        assert first.user_attrs["droptune.oom"].startswith("out of memory at batch size 64")
+        assert "retrying once at batch size 32" in caplog.text
+        from droptune.export import trial_config
+
+        assert trial_config(study, first).data.batch_size == 32
+    else:
+        assert [t.state.name for t in trial_list] == ["FAIL", "COMPLETE", "COMPLETE"]
+        reason = first.user_attrs["droptune.fail_reason"]
+        assert reason.startswith("TrialFailed: out of memory at batch size 64: CUDA out of memory")
+    # Every model the worker built (the failed trial's included) has been released.
+    gc.collect()
+    assert faulty_models.BUILT, "the model was never built"
+    assert all(ref() is None for ref in faulty_models.BUILT), "a trial's model is still alive"
+
+
+# ----------------------------------------------------------------------------------------------
+# A user DataModule that raises: the trial FAILs with the traceback on the trial and on its
+# MLflow run, and the worker carries on with the next trial.
+
+
+@pytest.mark.slow
+def test_user_datamodule_error_keeps_the_traceback_and_the_worker_continues(
+    procs: Procs, write_spec: SpecWriter, sqlite_url: str, tmp_path: Path
+) -> None:
+    name = "flaky-data"
+    tracking = tracking_section(tmp_path)
+    path = write_spec(
+        study={"name": name},
+        data={
+            "name": "datamodule",
+            "datamodule": "tests.user_code.datamodules:FlakyDataModule",
+            "kwargs": {"counter": str(tmp_path / "setup-calls"), "fail_first": 1},
+            "batch_size": DELETE,
+            "train_subset": DELETE,
+        },
+        tracking=tracking,
+        pruner={"name": "none"},
+        n_trials=2,
+    )
+    result = procs.run("worker", str(path), timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trial_list = trials(sqlite_url, name)
+    assert [t.state.name for t in trial_list] == ["FAIL", "COMPLETE", "COMPLETE"]
+    failed = trial_list[0]
+    assert failed.user_attrs["droptune.fail_reason"].startswith(
+        "ValueError: FlakyDataModule.setup: the data share is not mounted"
+    )
+    traceback = failed.user_attrs["droptune.traceback"]
+    assert "Traceback (most recent call last)" in traceback
+    assert "datamodules.py" in traceback and "in setup" in traceback
+    runs = assert_runs_match_trials(tracking["uri"], name, trial_list)
+    tags = runs[failed.number].data.tags
+    assert tags["droptune.error"].startswith("ValueError: FlakyDataModule.setup")
+    assert "in setup" in tags["droptune.traceback"]

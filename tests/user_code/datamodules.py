@@ -56,3 +56,24 @@ class BlobsDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> Any:
         assert self.val_set is not None
         return DataLoader(self.val_set, batch_size=self.batch_size) if self.with_test else []
+
+
+class FlakyDataModule(BlobsDataModule):
+    """A user DataModule whose ``setup`` raises for the first ``fail_first`` instances across
+    processes (counted in the file ``counter``), then works."""
+
+    def __init__(self, counter: str, fail_first: int = 1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.counter, self.fail_first = counter, fail_first
+
+    def setup(self, stage: str | None = None) -> None:
+        from pathlib import Path
+
+        path = Path(self.counter)
+        count = int(path.read_text()) + 1 if path.exists() else 1
+        path.write_text(str(count))
+        if count <= self.fail_first:
+            raise ValueError(
+                f"FlakyDataModule.setup: the data share is not mounted (call {count})"
+            )
+        super().setup(stage)
