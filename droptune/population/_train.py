@@ -87,29 +87,29 @@ class EarlyStopper:
     """Lightning's ``EarlyStopping`` decision for one member (``check_finite=True``).
 
     An epoch improves when ``value < best - min_delta`` (mode min) or ``value > best +
-    min_delta`` (mode max); otherwise the wait grows, and the member stops when it reaches
-    ``patience``. A non-finite value stops at once. ``patience: null`` never stops.
+    min_delta`` (mode max), computed in float32 like Lightning (whose metrics are float32
+    tensors: ``0.84 + 0.06 < 0.9`` holds in float64 but not there); otherwise the wait grows,
+    and the member stops when it reaches ``patience``. A non-finite value stops at once.
+    ``patience: null`` never stops.
     """
 
     def __init__(self, config: EarlyStoppingConfig) -> None:
         self.patience = config.patience
-        self.min_delta = config.min_delta
         self.maximize = config.resolved_mode == "max"
-        self.best_score = -math.inf if self.maximize else math.inf
+        self.min_delta = config.min_delta if self.maximize else -config.min_delta
+        self.best_score = torch.tensor(-math.inf if self.maximize else math.inf)
         self.wait = 0
 
     def update(self, value: float) -> bool:
         """Record one epoch's value; True when the member must stop now."""
         if self.patience is None:
             return False
-        if not math.isfinite(value):
+        current = torch.tensor(value, dtype=torch.float32)
+        if not bool(torch.isfinite(current)):
             return True
-        if self.maximize:
-            improved = value - self.min_delta > self.best_score
-        else:
-            improved = value + self.min_delta < self.best_score
-        if improved:
-            self.best_score, self.wait = value, 0
+        shifted = current - self.min_delta
+        if bool(shifted > self.best_score if self.maximize else shifted < self.best_score):
+            self.best_score, self.wait = current, 0
             return False
         self.wait += 1
         return self.wait >= self.patience
@@ -207,6 +207,7 @@ class _Run:
             if all(c is None for c in clips)
             else _hyper(configs, lambda c: c.train.gradient_clip or math.inf, device),
         )
+        self.max_norm_weights = self.net.max_norm_weights()
         norms = [c.regularization.max_norm for c in configs]
         self.max_norm: Tensor | None = None
         if any(n is not None for n in norms):
@@ -246,7 +247,9 @@ class _Run:
         """``TensorLoader``'s epoch order: ``randperm`` of the data seed and the epoch."""
         n = len(self.x)
         generator = torch.Generator().manual_seed(self.data_seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=generator).to(self.device)
+        order = torch.randperm(n, generator=generator)
+        if self.device.type == "cuda":  # no stream sync: pinned memory, asynchronous copy
+            order = order.pin_memory().to(self.device, non_blocking=True)
         for start in range(0, n, self.batch_size):
             index = order[start : start + self.batch_size]
             yield self.x.index_select(0, index), self.y.index_select(0, index)
@@ -269,7 +272,7 @@ class _Run:
             optimizer.step()
             optimizer.zero_grad()
             if self.max_norm is not None:
-                stacked_max_norm_(net.max_norm_weights(), self.max_norm, weight)
+                stacked_max_norm_(self.max_norm_weights, self.max_norm, weight)
             n = xb.shape[0]
             loss_sum += losses.detach() * n
             if self.classification:
@@ -307,6 +310,7 @@ class _Run:
         index = torch.tensor(alive, device=self.device)
         self.net.keep(index)
         self.optimizer.keep(index, list(self.net.parameters()))
+        self.max_norm_weights = self.net.max_norm_weights()
         self.rows = [self.rows[row] for row in alive]
         self.active = [True] * len(alive)
         if self.max_norm is not None:

@@ -31,7 +31,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "model": {"family": "mlp", "hidden": [16], "activation": "gelu"},
         "regularization": {"dropout": {"kind": "gaussian", "weight_rate": 0.2}},
     },
-    "cnn2d-batch": {"model": {"family": "cnn", "channels": [3, 5], "hidden": [8], "norm": "batch"}},
+    "cnn2d-batch": {
+        "model": {"family": "cnn", "channels": [3, 5], "hidden": [8], "norm": "batch"}
+    },
     "cnn2d-layer-spatial": {
         "model": {"family": "cnn", "channels": [3], "hidden": [8], "norm": "layer"},
         "regularization": {"dropout": {"kind": "spatial", "input_rate": 0.1}},

@@ -60,12 +60,22 @@ MLP_STANDARD = {"regularization": {"dropout": {"kind": "standard"}}}
             "model.family 'custom' has no population mode; allowed: mlp, cnn, rnn",
         ),
         (
-            {"data": {"name": "datamodule", "datamodule": "tests.user_code.datamodules:BlobsDataModule"}},
+            {
+                "data": {
+                    "name": "datamodule",
+                    "datamodule": "tests.user_code.datamodules:BlobsDataModule",
+                }
+            },
             None,
             "data.name 'datamodule' has no population mode",
         ),
         (
-            {"data": {"name": "datamodule", "datamodule": "tests.user_code.datamodules:BlobsDataModule"}},
+            {
+                "data": {
+                    "name": "datamodule",
+                    "datamodule": "tests.user_code.datamodules:BlobsDataModule",
+                }
+            },
             None,
             "allowed: digits, mnist1d, synthetic, csv",
         ),
@@ -147,5 +157,5 @@ def test_regression_data_monitors_rmse(tmp_path: Any) -> None:
 def test_train_population_refuses_with_the_reason() -> None:
     first = member(**MLP_STANDARD)
     other = first.with_overrides({"regularization.dropout.kind": "alpha"})
-    with pytest.raises(ConfigError, match="regularization.dropout.kind differs"):
+    with pytest.raises(ConfigError, match=r"regularization\.dropout\.kind differs"):
         train_population([first, other])
