@@ -230,14 +230,10 @@ def _refs(state: dict[str, Any]) -> list[ProcRef]:
     return [ProcRef(**entry) for entry in state.get("processes", [])]
 
 
-def _running_supervisor(state_dir: Path) -> ProcRef | None:
+def _running(state_dir: Path) -> list[ProcRef]:
+    """The processes recorded in ``state_dir`` that still run."""
     state = read_state(state_dir)
-    if state is None:
-        return None
-    for ref in _refs(state):
-        if ref.role == "supervisor" and _alive(ref.pid, ref.start):
-            return ref
-    return None
+    return [ref for ref in _refs(state) if ref.alive()] if state else []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -690,12 +686,13 @@ class Stack:
 
 
 def _check_free(state_dir: Path) -> None:
-    running = _running_supervisor(state_dir)
-    if running is not None:
+    running = _running(state_dir)
+    if running:
         raise DroptuneError(
-            f"--state-dir: a stack already runs from {state_dir} (supervisor pid "
-            f"{running.pid}); stop it with `droptune stack down --state-dir {state_dir}` or "
-            "pass another --state-dir"
+            f"--state-dir: a stack already runs from {state_dir} ("
+            + ", ".join(f"{ref.role} pid {ref.pid}" for ref in running)
+            + f"); stop it with `droptune stack down --state-dir {state_dir}` or pass another "
+            "--state-dir"
         )
 
 

@@ -167,3 +167,18 @@ def test_down_stops_the_recorded_process_group(
     assert main(["down", "--state-dir", str(tmp_path / "stack"), "--timeout", "5"]) == 0
     assert "stopped: worker-0" in capsys.readouterr().out
     assert sleeper.wait(timeout=10) == -15  # SIGTERM
+
+
+def test_up_refuses_a_state_dir_whose_stack_still_runs(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_state(tmp_path / "stack", [ProcRef.of("worker-0", sleeper.pid)])
+    spec = write_spec(tmp_path, tracking={"enabled": False})
+    code = main(
+        ["up", str(spec), "--storage", "sqlite:///x.db", "--state-dir", str(tmp_path / "stack")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"--state-dir: a stack already runs from {tmp_path / 'stack'} (worker-0 pid" in err
+    assert sleeper.poll() is None
+    assert (tmp_path / "stack" / "stack.json").exists()  # its record is kept for `down`
