@@ -67,6 +67,20 @@ class PruningCallback(pl.Callback):
             raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.monitor}={number:.6g})")
 
 
+#: The worker's resident memory (MiB) when the trial ended.
+RSS_ATTR = "droptune.rss_mb"
+
+
+def _rss_mb() -> float | None:
+    """Resident set size of this process in MiB (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as handle:
+            pages = int(handle.read().split()[1])
+        return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _oom_reason(exc: BaseException, batch_size: int) -> str:
     first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
     return f"out of memory at batch size {batch_size}: {first[:300]}"
@@ -195,6 +209,9 @@ class Objective:
         rows = [{k: round(v, 7) for k, v in row.items()} for row in self._history.rows]
         with contextlib.suppress(Exception):
             trial.set_user_attr(HISTORY_ATTR, rows)
+            rss = _rss_mb()
+            if rss is not None:  # the worker's memory after each trial: leaks show up here
+                trial.set_user_attr(RSS_ATTR, rss)
         if self.tracking is not None:
             config = None if self._config is None else self._config.to_dict()
             self.tracking.trial_ended(trial, state, values, config)

@@ -292,17 +292,43 @@ def _count_run(
 
 
 @pytest.mark.slow
-def test_postgres_16_workers_32_trials_exact(
+def test_postgres_16_workers_500_trials_exact(
     procs: Procs, write_spec: SpecWriter, pg_url: str
 ) -> None:
-    _count_run(procs, write_spec, pg_url, workers=16, n=32, separate=True)
+    _count_run(procs, write_spec, pg_url, workers=16, n=500, separate=True)
 
 
 @pytest.mark.slow
-def test_sqlite_8_workers_24_trials_exact_and_never_locked(
+def test_sqlite_8_workers_500_trials_exact_and_never_locked(
     procs: Procs, write_spec: SpecWriter, sqlite_url: str
 ) -> None:
-    _count_run(procs, write_spec, sqlite_url, workers=8, n=24, separate=False)
+    _count_run(procs, write_spec, sqlite_url, workers=8, n=500, separate=False)
+
+
+@pytest.mark.slow
+def test_worker_memory_does_not_grow_over_200_trials(
+    procs: Procs, write_spec: SpecWriter, sqlite_url: str
+) -> None:
+    """The worker's resident memory after trial 200 is within 10% of after trial 20 (each
+    trial records it in ``droptune.rss_mb``)."""
+    name = "long-life"
+    n = 200
+    path = write_spec(
+        study={"name": name},
+        data={"train_subset": 64},
+        train={"max_epochs": 1},
+        search={"regularization.dropout.hidden_rate": {"low": 0.0, "high": 0.5}},
+        sampler={"name": "random", "seed": 0},
+        pruner={"name": "none"},
+        n_trials=n,
+    )
+    result = procs.run("worker", str(path), timeout=580)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trial_list = sorted(trials(sqlite_url, name), key=lambda t: t.number)
+    assert finished(trial_list) == n
+    rss = [t.user_attrs["droptune.rss_mb"] for t in trial_list]
+    print(f"\n[memory] rss MiB after trials 1/20/100/200: {rss[0]} {rss[19]} {rss[99]} {rss[-1]}")
+    assert rss[-1] <= 1.10 * rss[19], (rss[19], rss[-1])
 
 
 @pytest.mark.slow
