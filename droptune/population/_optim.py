@@ -99,49 +99,51 @@ class StackedOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
+        dtype = self.params[0].dtype
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if self.use_coupled:
+            twice = (2.0 * self.coupled).to(dtype)
             grads = [
-                g.add(p * _per_member(2.0 * self.coupled, p).to(p.dtype)) if decay else g
+                g.add(p * _per_member(twice, p)) if decay else g
                 for p, g, decay in zip(self.params, grads, self.decayed, strict=True)
             ]
         if self.clip is not None:
             squares = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0)
-            coef = (self.clip / (squares.sqrt() + 1e-6)).clamp(max=1.0)
-            grads = [g * _per_member(coef, g).to(g.dtype) for g in grads]
+            coef = (self.clip / (squares.sqrt() + 1e-6)).clamp(max=1.0).to(dtype)
+            grads = [g * _per_member(coef, g) for g in grads]
         active = self.active
         if self.use_decoupled:
-            shrink = 1.0 - self.lr * self.decoupled * active
+            shrink = (1.0 - self.lr * self.decoupled * active).to(dtype)
             for param, decay in zip(self.params, self.decayed, strict=True):
                 if decay:
-                    param.mul_(_per_member(shrink, param).to(param.dtype))
+                    param.mul_(_per_member(shrink, param))
         if self.kind == "adam":
-            self._adam(grads, active)
+            self._adam(grads, active, dtype)
         else:
-            self._sgd(grads, active)
+            self._sgd(grads, active, dtype)
 
-    def _adam(self, grads: list[Tensor], active: Tensor) -> None:
+    def _adam(self, grads: list[Tensor], active: Tensor, dtype: torch.dtype) -> None:
         beta1, beta2 = self.betas
         self.steps += active
         steps = self.steps.clamp(min=1.0)  # a member frozen before its first step
-        step_size = self.lr * active / (1.0 - beta1**steps)
-        correction2 = (1.0 - beta2**steps).sqrt()
-        w1, w2 = (1.0 - beta1) * active, (1.0 - beta2) * active
+        # per-member factors in float64, rounded once to the parameter dtype
+        step_size = (self.lr * active / (1.0 - beta1**steps)).to(dtype)
+        correction2 = (1.0 - beta2**steps).sqrt().to(dtype)
+        w1, w2 = ((1.0 - beta1) * active).to(dtype), ((1.0 - beta2) * active).to(dtype)
         for param, grad, (exp_avg, exp_avg_sq) in zip(self.params, grads, self.state, strict=True):
-            dtype = param.dtype
-            exp_avg.lerp_(grad, _per_member(w1, param).to(dtype))
-            exp_avg_sq.lerp_(grad * grad, _per_member(w2, param).to(dtype))
-            denom = (exp_avg_sq.sqrt() / _per_member(correction2, param).to(dtype)).add_(self.eps)
-            param.sub_(exp_avg.div(denom).mul_(_per_member(step_size, param).to(dtype)))
+            exp_avg.lerp_(grad, _per_member(w1, param))
+            exp_avg_sq.lerp_(grad * grad, _per_member(w2, param))
+            denom = (exp_avg_sq.sqrt() / _per_member(correction2, param)).add_(self.eps)
+            param.sub_(exp_avg.div(denom).mul_(_per_member(step_size, param)))
 
-    def _sgd(self, grads: list[Tensor], active: Tensor) -> None:
-        keep = torch.where(active > 0, self.momentum, torch.ones_like(self.momentum))
-        step_size = self.lr * active
+    def _sgd(self, grads: list[Tensor], active: Tensor, dtype: torch.dtype) -> None:
+        keep = torch.where(active > 0, self.momentum, torch.ones_like(self.momentum)).to(dtype)
+        step_size = (self.lr * active).to(dtype)
+        weight = active.to(dtype)
         for param, grad, (buffer,) in zip(self.params, grads, self.state, strict=True):
-            dtype = param.dtype
-            buffer.mul_(_per_member(keep, param).to(dtype))
-            buffer.add_(grad * _per_member(active, param).to(dtype))
-            param.sub_(buffer * _per_member(step_size, param).to(dtype))
+            buffer.mul_(_per_member(keep, param))
+            buffer.add_(grad * _per_member(weight, param))
+            param.sub_(buffer * _per_member(step_size, param))
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from dataclasses import field
 import math
 import time
 from typing import Any
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -165,6 +166,7 @@ class _Run:
         device: torch.device,
         datamodule: TensorDataModule,
         compact: float,
+        init: Literal["exact", "fast"] = "exact",
     ) -> None:
         first = configs[0]
         self.configs = list(configs)
@@ -182,7 +184,9 @@ class _Run:
         vx, vy = datamodule.splits["val"]
         self.vx = vx.to(device, self.dtype)
         self.vy = vy.to(device) if self.classification else vy.to(device, self.dtype)
-        self.net: PopulationNetwork = build_population(configs, self.info).to(device, self.dtype)
+        self.net: PopulationNetwork = build_population(
+            configs, self.info, init=init, device=device
+        ).to(device, self.dtype)
         self.rows = list(range(len(configs)))  # member index of each stack row
         self.active = [True] * len(configs)  # per stack row
         self.lr_values = [c.train.lr for c in configs]
@@ -331,6 +335,7 @@ def train_population(
     datamodule: TensorDataModule | None = None,
     compact: float = 1.0,
     return_weights: bool = False,
+    init: Literal["exact", "fast"] = "exact",
 ) -> list[MemberResult]:
     """Train ``configs`` as one population; one :class:`MemberResult` per config, in order.
 
@@ -356,6 +361,9 @@ def train_population(
             current rows is still training (1.0: as soon as one finishes; 0: never, finished
             members stay in place, frozen).
         return_weights: Fill :attr:`MemberResult.state_dict` with each member's final weights.
+        init: ``exact`` starts every member from the single path's weights for its seed (one
+            CPU initialisation per member); ``fast`` draws the same distributions on the
+            device (see :func:`build_population`).
 
     Raises:
         ConfigError: The configs cannot train as one population (the message says why), or
@@ -384,7 +392,7 @@ def train_population(
         torch.use_deterministic_algorithms(deterministic or previous)
         with torch.random.fork_rng(devices=forked):
             torch.manual_seed(_mixed_seed(configs))
-            run = _Run(configs, target, data, compact)
+            run = _Run(configs, target, data, compact, init)
             _loop(run, results, stoppers, on_epoch, deadline, started, return_weights)
     finally:
         torch.use_deterministic_algorithms(previous)

@@ -350,3 +350,11 @@ def test_population_accuracy_matches_fit_with_dropout() -> None:
             bound = 3 * math.hypot(e1, e2) + 0.01
             assert abs(m1 - m2) < bound, (k, key, m1, m2, bound)
             assert len(set(ours)) > 1, "members must differ (their own seeds and masks)"
+
+
+def test_fast_init_trains_as_well() -> None:
+    configs = members(range(4), model={"family": "mlp", "hidden": [32]}, train={"max_epochs": 3})
+    exact = train_population(configs)
+    fast = train_population(configs, init="fast")
+    accuracy = [statistics.fmean(r.metrics["val_acc"] for r in rs) for rs in (exact, fast)]
+    assert abs(accuracy[0] - accuracy[1]) < 0.05 and min(accuracy) > 0.8, accuracy
