@@ -471,6 +471,10 @@ def ui(
         typer.echo(f"{_mask(tracking.uri).rstrip('/')}/{page}")
         return
     artifacts = _local_artifacts(tracking.uri)
+    if allowed_hosts:  # --allowed-hosts replaces MLflow's defaults: keep local access working
+        allowed_hosts = ",".join(
+            dict.fromkeys([*allowed_hosts.split(","), "localhost", "127.0.0.1"])
+        )
     server = start_server(
         tracking.uri, artifacts, host=host, port=port, allowed_hosts=allowed_hosts
     )
@@ -538,6 +542,15 @@ def _require_storage(storage: str | None) -> str:
 
     check_url(storage, "--storage")
     return storage
+
+
+def _register_stack() -> None:
+    from droptune.stack import stack_app
+
+    app.add_typer(stack_app, name="stack")
+
+
+_register_stack()
 
 
 @app.callback()

@@ -32,9 +32,11 @@ __all__ = [
     "creation_race",
     "default_url",
     "engine_kwargs",
+    "is_outage",
     "mask_text",
     "mask_url",
     "open_storage",
+    "retry_outage",
 ]
 
 log = logging.getLogger(__name__)
@@ -153,7 +155,7 @@ def open_storage(
         callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
     for attempt in range(_CREATE_ATTEMPTS):
         try:
-            return optuna.storages.RDBStorage(
+            return _storage_class()(
                 url,
                 engine_kwargs=engine_kwargs(url),
                 heartbeat_interval=heartbeat_interval,
@@ -171,6 +173,125 @@ def open_storage(
                 f"storage {mask_url(url)!r} is unreachable: {message.replace(url, mask_url(url))}"
             ) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+#: How long a storage call keeps retrying while the database is unreachable (e.g. PostgreSQL
+#: restarting) before the error reaches the caller.
+OUTAGE_S = 120.0
+
+#: RDBStorage methods retried while the database is unreachable (everything a worker, ``run``
+#: and ``status`` call during a study).
+_RETRIED = (
+    "get_study_id_from_name",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "create_new_trial",
+    "set_trial_param",
+    "set_trial_state_values",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial",
+    "get_all_trials",
+    "get_best_trial",
+    "get_trial_id_from_study_id_trial_number",
+    "record_heartbeat",
+    "get_study_name_from_id",
+    "get_all_studies",
+    # What Optuna's cache layer calls on the RDB storage directly.
+    "_get_stale_trial_ids",
+    "_get_trials",
+    "_create_new_trial",
+    "_set_trial_param",
+    "_get_best_trial_id",
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is unreachable or dropped the connection (worth
+    retrying), as opposed to a bad query or a constraint violation."""
+    import sqlalchemy.exc as sa_exc
+
+    # Optuna wraps the SQLAlchemy error in StorageInternalError: look down the chain.
+    seen = 0
+    while not isinstance(exc, sa_exc.SQLAlchemyError) and exc.__cause__ is not None:
+        exc, seen = exc.__cause__, seen + 1
+        if seen > 5:
+            break
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+        text = str(exc).lower()
+        return not any(marker in text for marker in _PERMANENT)
+    return isinstance(exc, sa_exc.TimeoutError)  # the pool ran dry while the server was away
+
+
+#: OperationalError messages that no retry cures.
+_PERMANENT = (
+    "no such table",
+    "no such column",
+    "does not exist",
+    "syntax error",
+    "password authentication failed",
+    "unable to open database file",
+    "readonly database",
+)
+
+
+def retry_outage(call: Any, what: str, outage_s: float = OUTAGE_S) -> Any:
+    """``call()``, retried with backoff while the database is unreachable, up to ``outage_s``."""
+    deadline = time.monotonic() + outage_s
+    delay = 0.5
+    warned = False
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not is_outage(exc) or time.monotonic() + delay > deadline:
+                raise
+            if not warned:
+                log.warning(
+                    "storage unreachable during %s (%s); retrying for up to %.0fs",
+                    what,
+                    mask_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__),
+                    outage_s,
+                )
+                warned = True
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+_STORAGE_CLASS: Any = None
+
+
+def _storage_class() -> Any:
+    """``RDBStorage`` whose calls ride out a database outage (retried with backoff, see
+    :func:`retry_outage`): a PostgreSQL restart mid-study costs a pause, not a crashed worker or
+    a heartbeat thread that died and let its running trial go stale."""
+    global _STORAGE_CLASS
+    if _STORAGE_CLASS is None:
+        import functools
+
+        import optuna
+
+        def retried(name: str) -> Any:
+            method = getattr(optuna.storages.RDBStorage, name)
+
+            @functools.wraps(method)
+            def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+                return retry_outage(lambda: method(self, *args, **kwargs), name)
+
+            return wrapper
+
+        _STORAGE_CLASS = type(
+            "RetryingRDBStorage",
+            (optuna.storages.RDBStorage,),
+            {name: retried(name) for name in _RETRIED},
+        )
+    return _STORAGE_CLASS
 
 
 _CREATE_ATTEMPTS = 5

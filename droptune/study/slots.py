@@ -11,6 +11,7 @@ COMPLETE or PRUNED trials.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ import sqlalchemy as sa
 
 from droptune.storage import creation_race
 from droptune.storage import engine_kwargs
+from droptune.storage import retry_outage
 
 
 __all__ = ["Slots"]
@@ -32,6 +34,17 @@ _table = sa.Table(
     sa.Column("trial_number", sa.Integer, nullable=True),
     sa.Column("claimed_at", sa.Float, nullable=True),
 )
+
+
+def _riding_outages(method: Any) -> Any:
+    """Retry a slot-table call while the database is unreachable (see ``retry_outage``); every
+    call is idempotent or, for ``claim``, leaves at worst an orphan slot that ``reclaim`` frees."""
+
+    @functools.wraps(method)
+    def wrapper(self: Slots, *args: Any, **kwargs: Any) -> Any:
+        return retry_outage(lambda: method(self, *args, **kwargs), f"slots.{method.__name__}")
+
+    return wrapper
 
 
 class Slots:
@@ -53,6 +66,7 @@ class Slots:
     def close(self) -> None:
         self.engine.dispose()
 
+    @_riding_outages
     def ensure(self, n: int) -> None:
         """Make sure slots 0..n-1 exist (never removes any)."""
         with self.engine.begin() as conn:
@@ -71,6 +85,7 @@ class Slots:
             except sa.exc.IntegrityError:
                 pass  # another process created it
 
+    @_riding_outages
     def total(self) -> int:
         with self.engine.begin() as conn:
             return int(
@@ -81,6 +96,7 @@ class Slots:
                 ).scalar_one()
             )
 
+    @_riding_outages
     def rows(self) -> list[Any]:
         with self.engine.begin() as conn:
             return list(
@@ -91,6 +107,7 @@ class Slots:
                 )
             )
 
+    @_riding_outages
     def claim(self, owner: str) -> int | None:
         """Atomically take a free slot; None when every slot is taken."""
         for row in self.rows():
@@ -110,6 +127,7 @@ class Slots:
                 return int(row.slot)
         return None
 
+    @_riding_outages
     def bind(self, slot: int, owner: str, trial_number: int) -> None:
         with self.engine.begin() as conn:
             conn.execute(
@@ -122,6 +140,7 @@ class Slots:
                 .values(trial_number=trial_number)
             )
 
+    @_riding_outages
     def release(self, slot: int, owner: str) -> bool:
         """Give a slot back (its trial failed); only its owner's claim is released."""
         with self.engine.begin() as conn:
