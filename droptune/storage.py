@@ -253,10 +253,14 @@ def retry_outage(call: Any, what: str, outage_s: float = OUTAGE_S) -> Any:
             if not is_outage(exc) or time.monotonic() + delay > deadline:
                 raise
             if not warned:
+                root: BaseException = exc
+                while root.__cause__ is not None and root is not root.__cause__:
+                    root = root.__cause__
+                text = str(getattr(root, "orig", None) or root).strip().splitlines()
                 log.warning(
                     "storage unreachable during %s (%s); retrying for up to %.0fs",
                     what,
-                    mask_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__),
+                    mask_text(text[0] if text else type(root).__name__),
                     outage_s,
                 )
                 warned = True
