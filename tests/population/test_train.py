@@ -57,7 +57,7 @@ TRAJECTORIES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"model": {"family": "mlp", "hidden": [32], "activation": "tanh"}},
         {"regularization.l2.strength": 0.05, "regularization.max_norm": 0.5},
     ),
-    "adam-coupled-clip-64bit": (
+    "adam-coupled-64bit": (
         {
             "model": {"family": "mlp", "hidden": [32], "activation": "tanh"},
             "train": {"optimizer": "adam", "precision": "64-true"},
