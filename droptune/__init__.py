@@ -31,6 +31,15 @@ from droptune.layers import param_groups
 
 __version__ = "0.1.0"
 
+
+def load_checkpoint(path: str, map_location: object = None, module_class: object = None) -> object:
+    """Load a ``droptune train`` checkpoint safely (``weights_only=True``); see
+    :func:`droptune.training.load_checkpoint` (imported lazily: it needs Lightning)."""
+    from droptune.training import load_checkpoint as load
+
+    return load(path, map_location=map_location, module_class=module_class)
+
+
 __all__ = [
     "DROPOUT_KINDS",
     "ConfigError",
@@ -42,6 +51,7 @@ __all__ = [
     "__version__",
     "apply",
     "load_best",
+    "load_checkpoint",
     "load_config",
     "make_dropout",
     "max_norm_",

@@ -20,7 +20,7 @@ from droptune.layers import decay_split
 from droptune.layers import max_norm_
 
 
-__all__ = ["FitResult", "RegularizationCallback", "build_trainer", "fit"]
+__all__ = ["FitResult", "RegularizationCallback", "build_trainer", "fit", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -228,3 +228,31 @@ class _BestTracker(pl.Callback):
             self.best is None or (number < self.best if self.mode == "min" else number > self.best)
         ):
             self.best = number
+
+
+def load_checkpoint(path: str | Path, map_location: Any = None, module_class: Any = None) -> Any:
+    """Load a checkpoint written by ``droptune train`` (or any Lightning checkpoint of
+    ``module_class``, default :class:`~droptune.models.RegularizedModule`) without unpickling
+    arbitrary objects: ``weights_only=True``, so a tampered file cannot run code.
+
+    Raises:
+        ConfigError: The file does not exist, or it holds something other than tensors and
+            plain values (a checkpoint that would need arbitrary unpickling).
+    """
+    import pickle
+
+    from droptune.exceptions import ConfigError
+    from droptune.models import RegularizedModule
+
+    cls = module_class or RegularizedModule
+    checkpoint = Path(path)
+    if not checkpoint.is_file():
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} does not exist")
+    try:
+        return cls.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"checkpoint {str(checkpoint)!r} holds objects other than tensors and plain values "
+            f"and was not loaded (weights_only=True): {first[:300]}"
+        ) from None
