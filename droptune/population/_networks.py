@@ -651,6 +651,9 @@ class PopulationNetwork(nn.Module):
                 h = _channel_major(self.conv_drop(_member_major(h, size)))
             if self.pools[index]:
                 h = pool(h, 2)
+        if shared:  # no convolution and no input dropout: every member sees the input
+            flat = x.flatten(1)
+            return flat.expand(size, *flat.shape)
         return h.reshape(h.shape[0], size, -1).transpose(0, 1)
 
     def _sequence(self, x: Tensor) -> Tensor:

@@ -42,6 +42,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "model": {"family": "cnn", "channels": [3], "hidden": [], "activation": "elu"},
         "regularization": {"dropout": {"kind": "dropblock"}},
     },
+    "cnn-no-conv": {"model": {"family": "cnn", "channels": [], "hidden": [8]}},
     "cnn1d": {
         "data": {"name": "mnist1d"},
         "model": {"family": "cnn", "channels": [3, 4], "hidden": [8], "kernel_size": 5},
@@ -106,9 +107,11 @@ def randomize(population: PopulationNetwork) -> None:
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.5)
 
 
+@pytest.mark.parametrize("rates", [RATES, [0.0, 0.0]], ids=["rates", "no-dropout"])
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_each_member_computes_its_single_network(name: str) -> None:
-    configs = population_configs(FAMILIES[name])
+def test_each_member_computes_its_single_network(name: str, rates: list[float]) -> None:
+    """Also with every rate 0, where the first layer reads the shared input in one GEMM."""
+    configs = population_configs(FAMILIES[name], rates)
     info, x = data_of(configs[0])
     population = build_population(configs, info)
     randomize(population)
