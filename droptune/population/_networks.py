@@ -349,6 +349,13 @@ class _Recurrent(_Stacked):
             assert param is not None
             _uniform_(param.data, bound, generators)
 
+    def recurrent_mask(self, h: Tensor) -> Tensor:
+        """One Gal & Ghahramani mask per sequence for the state ``h`` ``[P, N, H]``: member
+        ``i`` keeps each unit with probability ``1 - recurrent_rate[i]``, scaled by its
+        inverse."""
+        keep = (1.0 - self.recurrent_rate).to(h.dtype).view(-1, 1, 1)
+        return (torch.rand_like(h) < keep).to(h.dtype).div_(keep)
+
     def _param(self, name: str) -> Tensor:
         value = getattr(self, name)
         assert isinstance(value, Tensor)
@@ -386,10 +393,7 @@ class _Recurrent(_Stacked):
             ).view(size, steps, batch, gates)
         h = gates_in.new_zeros(size, batch, self.hidden_size)
         c = torch.zeros_like(h) if self.cell == "lstm" else h
-        mask = None
-        if self.training and self.has_mask:
-            keep = (1.0 - self.recurrent_rate).to(h.dtype).view(-1, 1, 1)
-            mask = (torch.rand_like(h) < keep).to(h.dtype).div_(keep)
+        mask = self.recurrent_mask(h) if self.training and self.has_mask else None
         w_hh_t, b_hh = w_hh.transpose(1, 2), b_hh.unsqueeze(1)
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         out: list[Tensor] = [h] * steps

@@ -274,3 +274,26 @@ def test_fast_init_draws_the_single_paths_distributions_per_seed(name: str) -> N
                 assert float(mine[key].abs().max()) <= float(value.abs().max()) * 1.05, key
     first, second = fast.member_state_dict(0).values(), fast.member_state_dict(1).values()
     assert any(not torch.equal(a, b) for a, b in zip(first, second, strict=True) if a.numel() > 1)
+
+
+def test_each_member_masks_its_recurrent_state_at_its_own_rate() -> None:
+    rates = [0.0, 0.5, 0.25]
+    base = member(
+        model={"family": "rnn", "hidden_size": 50},
+        regularization={"dropout": {"kind": "standard"}},
+    )
+    configs = [
+        base.with_overrides({"regularization.dropout.recurrent_rate": r, "train.seed": i})
+        for i, r in enumerate(rates)
+    ]
+    info, _ = data_of(configs[0])
+    layer = build_population(configs, info).recurrent[0]
+    mask = layer.recurrent_mask(torch.zeros(3, 400, 50))
+    assert mask.shape == (3, 400, 50)
+    assert torch.equal(mask[0], torch.ones(400, 50))
+    for index in (1, 2):
+        dropped = mask[index] == 0
+        assert_fraction(int(dropped.sum()), dropped.numel(), rates[index], f"member {index}")
+        assert torch.equal(
+            mask[index][~dropped], torch.full_like(mask[index][~dropped], 1 / (1 - rates[index]))
+        )
