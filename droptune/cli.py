@@ -173,6 +173,10 @@ def run(
     storage: StorageOpt = None,
     study_name: Annotated[str | None, typer.Option(help="Override study.name.")] = None,
     graceful: Annotated[bool, typer.Option(help="On Ctrl-C finish running trials.")] = False,
+    population: Annotated[
+        int | None,
+        typer.Option(min=1, help="Trials per worker round trained as one batched network."),
+    ] = None,
 ) -> None:
     """Create or resume a study and tune it with local workers; print the best trial."""
     from droptune.study.runner import run_study
@@ -190,6 +194,7 @@ def run(
         devices=devices,
         per_device=per_device,
         graceful=graceful,
+        population=population,
     )
     typer.echo(f"study: {summary.study_name}")
     typer.echo(f"storage: {summary.storage}")
@@ -234,6 +239,10 @@ def worker(
         float | None, typer.Option(help="Unix time after which no new trial starts.")
     ] = None,
     graceful: Annotated[bool, typer.Option(help="On SIGTERM finish the running trial.")] = False,
+    population: Annotated[
+        int | None,
+        typer.Option(min=1, help="Trials per round trained as one batched network."),
+    ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Config override path=value (repeatable).")
     ] = None,
@@ -264,6 +273,7 @@ def worker(
         device_overrides=overrides,
         deadline=deadline,
         graceful=graceful,
+        population=population,
     )
     log.info("worker %s: %s", report.owner, report.states)
     if report.gave_up:

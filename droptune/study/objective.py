@@ -202,25 +202,34 @@ class Objective:
             self._record(trial, state, values)
 
     def _record(self, trial: optuna.Trial, state: str, values: Any) -> None:
-        """Per-epoch history on the trial; the trial's MLflow run completed with its state
-        while the trial is still RUNNING (Optuna refuses attributes on finished trials)."""
+        self.record_end(trial, state, values, self._history.rows, self._config)
+
+    def record_end(
+        self,
+        trial: optuna.Trial,
+        state: str,
+        values: Any,
+        history: list[dict[str, float]],
+        config: TrainConfig | None,
+    ) -> None:
+        """Per-epoch history and the worker's memory on the trial; the trial's MLflow run
+        completed with its state while the trial is still RUNNING (Optuna refuses attributes on
+        finished trials)."""
         from droptune.tracking._study import HISTORY_ATTR
 
-        rows = [{k: round(v, 7) for k, v in row.items()} for row in self._history.rows]
+        rows = [{k: round(v, 7) for k, v in row.items()} for row in history]
         with contextlib.suppress(Exception):
             trial.set_user_attr(HISTORY_ATTR, rows)
             rss = _rss_mb()
             if rss is not None:  # the worker's memory after each trial: leaks show up here
                 trial.set_user_attr(RSS_ATTR, rss)
         if self.tracking is not None:
-            config = None if self._config is None else self._config.to_dict()
-            self.tracking.trial_ended(trial, state, values, config)
+            self.tracking.trial_ended(
+                trial, state, values, None if config is None else config.to_dict()
+            )
 
-    def _run(self, trial: optuna.Trial) -> float | list[float]:
-        for hook in self.on_trial_start:
-            hook(trial)
-        cfg, _ = self.config_for(trial)
-        self._config = cfg
+    def record_start(self, trial: optuna.Trial, cfg: TrainConfig) -> None:
+        """Seed, worker, host and device on the trial; its MLflow run started."""
         trial.set_user_attr("droptune.seed", cfg.train.seed)
         trial.set_user_attr("droptune.worker", self.worker)
         trial.set_user_attr("droptune.host", socket.gethostname())
@@ -232,6 +241,13 @@ class Objective:
         )
         if self.tracking is not None:
             self.tracking.trial_started(trial.study, trial)
+
+    def _run(self, trial: optuna.Trial) -> float | list[float]:
+        for hook in self.on_trial_start:
+            hook(trial)
+        cfg, _ = self.config_for(trial)
+        self._config = cfg
+        self.record_start(trial, cfg)
         objectives = self.spec.study.objectives
         directions = self.spec.study.study_directions
         history = self._history

@@ -217,6 +217,7 @@ def run_study(
     per_device: int | None = None,
     graceful: bool = False,
     progress: bool = True,
+    population: int | None = None,
 ) -> RunSummary:
     """Create or resume the study and run it with local worker processes until it has
     ``n_trials`` COMPLETE or PRUNED trials (or the timeout passes, or Ctrl-C)."""
@@ -246,7 +247,10 @@ def run_study(
     received = _Signals()
     restore = _trap_signals(received)
     try:
-        _start_workers(procs, plan, spec_path, url, name, prefix, total, deadline, graceful)
+        size = population or execution.population
+        if size and size > 1:
+            _announce_population(spec, size)
+        _start_workers(procs, plan, spec_path, url, name, prefix, total, deadline, graceful, size)
         _watch(study, procs, total, progress, received)
         received.check()  # a signal that arrived as the last worker exited
     except KeyboardInterrupt:
@@ -285,6 +289,17 @@ def run_study(
     return RunSummary(
         name, mask_url(url), counts, best_value, best_params, interrupted, finished, codes
     )
+
+
+def _announce_population(spec: StudySpec, size: int) -> None:
+    """Say up front whether the study's trials can train as populations, and if not, why."""
+    from droptune.population import population_support
+
+    reason = population_support([spec.base, spec.base])
+    if reason is None:
+        log.info("population mode: each worker trains up to %d trials as one network", size)
+    else:
+        log.warning("population mode is not available (%s): trials run one at a time", reason)
 
 
 class _Signals:
@@ -329,9 +344,11 @@ def _start_workers(
     total: int,
     deadline: float | None,
     graceful: bool,
+    population: int | None = None,
 ) -> None:
     """Start one ``droptune worker`` process per plan entry (appended to ``procs`` as they
-    start, so that an interruption meanwhile stops those already running)."""
+    start, so that an interruption meanwhile stops those already running). The storage URL
+    goes in the environment (``DROPTUNE_STORAGE``), never on a command line ``ps`` shows."""
     for index, entry in enumerate(plan):
         cmd = [
             sys.executable,
@@ -339,8 +356,6 @@ def _start_workers(
             "droptune.cli",
             "worker",
             str(spec_path),
-            "--storage",
-            url,
             "--study-name",
             name,
             "--owner",
@@ -354,9 +369,11 @@ def _start_workers(
             cmd += ["--deadline", repr(deadline)]
         if graceful:
             cmd.append("--graceful")
+        if population and population > 1:
+            cmd += ["--population", str(population)]
         for key, value in entry["overrides"].items():
             cmd += ["--set", f"{key}={value}"]
-        env = {**os.environ, **entry["env"], "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **entry["env"], "PYTHONUNBUFFERED": "1", "DROPTUNE_STORAGE": url}
         procs.append(subprocess.Popen(cmd, env=env))
 
 

@@ -32,6 +32,7 @@ from droptune.storage import open_storage
 from droptune.study.factories import make_pruner
 from droptune.study.factories import make_sampler
 from droptune.study.objective import Objective
+from droptune.study.population import population_round
 from droptune.study.slots import Slots
 from droptune.study.spec import StudySpec
 from droptune.tracking import StudyTracking
@@ -131,6 +132,7 @@ def run_worker(
     deadline: float | None = None,
     graceful: bool = False,
     poll_interval: float = 1.0,
+    population: int | None = None,
 ) -> WorkerReport:
     """Run trials of an existing study until every slot holds a finished trial.
 
@@ -143,6 +145,8 @@ def run_worker(
         device_overrides: Config overrides that pin this worker to a device.
         deadline: ``time.time()`` after which no new trial starts.
         graceful: On SIGTERM/SIGINT finish the running trial instead of failing it.
+        population: Trials per round trained as one batched network (default: the spec's
+            ``execution.population``; 1 runs one trial at a time).
     """
     owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     report = WorkerReport(owner)
@@ -178,6 +182,8 @@ def run_worker(
     if tracking is not None:
         tracking.warm_up(study)
     swept_at = 0.0
+    size = population or execution.population or 1
+    last = ""
 
     def run_trial(trial: optuna.Trial) -> Any:
         try:
@@ -212,39 +218,62 @@ def run_worker(
                 time.sleep(poll_interval)
                 continue
 
-            def bind(trial: optuna.Trial, slot: int = slot) -> None:
-                slots.bind(slot, owner, trial.number)
-                stop.check()  # a signal between claim and here: fail this trial at once
+            claimed = [slot]
+            while len(claimed) < size:
+                more = slots.claim(owner)
+                if more is None:
+                    break
+                claimed.append(more)
+            if size > 1:
+                try:
+                    population_round(
+                        study,
+                        objective,
+                        claimed,
+                        bind=lambda s, t: slots.bind(s, owner, t.number),
+                        check_stop=stop.check,
+                    )
+                except WorkerInterrupted:
+                    report.interrupted = True
+            else:
 
-            objective.on_trial_start = [bind]
-            try:
-                study.optimize(run_trial, n_trials=1, catch=(Exception,))
-            except WorkerInterrupted:
-                report.interrupted = True
-            number = max((n for n in _states(study)), default=-1)
-            trial = _bound_trial(study, slots, slot, owner)
-            state = trial.state.name if trial is not None else "FAIL"
-            report.states[state] = report.states.get(state, 0) + 1
+                def bind(trial: optuna.Trial, slot: int = slot) -> None:
+                    slots.bind(slot, owner, trial.number)
+                    stop.check()  # a signal between claim and here: fail this trial at once
+
+                objective.on_trial_start = [bind]
+                try:
+                    study.optimize(run_trial, n_trials=1, catch=(Exception,))
+                except WorkerInterrupted:
+                    report.interrupted = True
             if stop.requested:
                 report.interrupted = True
-            if state == "FAIL" or trial is None:
-                slots.release(slot, owner)
-                if report.interrupted:
-                    break  # the signal's doing, not the trial's
-                consecutive_failures += 1
-                if consecutive_failures >= execution.max_consecutive_failures:
-                    report.gave_up = (
-                        f"{consecutive_failures} consecutive trials failed (last: trial "
-                        f"{trial.number if trial else number}: "
-                        f"{trial.user_attrs.get('droptune.fail_reason', '?') if trial else '?'}); "
-                        "stopping this worker instead of burning the study — fix the cause and "
-                        "run again to resume"
+            for held in claimed:
+                trial = _bound_trial(study, slots, held, owner)
+                state = trial.state.name if trial is not None else "FAIL"
+                report.states[state] = report.states.get(state, 0) + 1
+                if state == "FAIL" or trial is None:
+                    slots.release(held, owner)
+                    if report.interrupted:
+                        continue  # the signal's doing, not the trial's
+                    consecutive_failures += 1
+                    last = (
+                        f"trial {trial.number}: "
+                        f"{trial.user_attrs.get('droptune.fail_reason', '?')}"
+                        if trial is not None
+                        else "a trial that was never asked"
                     )
-                    log.error("worker %s: %s", owner, report.gave_up)
-                    break
-            else:
-                consecutive_failures = 0
+                else:
+                    consecutive_failures = 0
             if report.interrupted:
+                break
+            if consecutive_failures >= execution.max_consecutive_failures:
+                report.gave_up = (
+                    f"{consecutive_failures} consecutive trials failed (last: {last}); "
+                    "stopping this worker instead of burning the study — fix the cause and "
+                    "run again to resume"
+                )
+                log.error("worker %s: %s", owner, report.gave_up)
                 break
     except WorkerInterrupted:
         report.interrupted = True

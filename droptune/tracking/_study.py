@@ -238,6 +238,7 @@ class StudyTracking:
             return
         try:
             self.parent_run_id(study)
+            self.tracker.experiment_id()  # opens the store (imports, connection, schema check)
         except Exception as exc:
             log.debug("tracking warm-up failed: %s", _first_line(exc))
 

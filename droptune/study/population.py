@@ -1,0 +1,263 @@
+"""Population rounds of a worker: P trials asked at once, trained as one batched network.
+
+One round: claim up to P slots, ``ask`` one trial per slot (the sampler suggests as usual),
+record their seeds and start their MLflow runs, then train them together with
+:func:`droptune.population.train_population`, grouped by dropout kind (the kind is shared inside
+one population). Each member reports every validation epoch to Optuna and is pruned on its own;
+early stopping is per member. Then one ``tell`` per member and one finished MLflow run each.
+
+Optuna's heartbeat thread only runs inside ``study.optimize``, so the round beats for its asked
+trials itself: a worker killed mid-round leaves trials that go stale and are failed (and retried)
+like any other. A group the population trainer cannot take (a family without population mode,
+configs that differ in shape) runs its trials one at a time instead, with a message saying why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Iterator
+import contextlib
+from dataclasses import dataclass
+import logging
+import math
+import threading
+import traceback
+from typing import TYPE_CHECKING
+from typing import Any
+import warnings
+
+import optuna
+from optuna.trial import TrialState
+
+from droptune.study.objective import GAP_METRIC
+from droptune.study.objective import Objective
+from droptune.study.objective import TrialFailed
+
+
+if TYPE_CHECKING:
+    from droptune.config import TrainConfig
+
+__all__ = ["Member", "population_round"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    """One asked trial of a round."""
+
+    slot: int
+    trial: optuna.Trial
+    config: TrainConfig
+
+
+@contextlib.contextmanager
+def _heartbeats(study: optuna.Study, trials: list[optuna.Trial], interval: int) -> Iterator[None]:
+    """Record a heartbeat for each trial now and every ``interval`` seconds until exit."""
+    storage = study._storage
+    record = getattr(storage, "record_heartbeat", None)
+    if record is None or storage.get_heartbeat_interval() is None:  # type: ignore[attr-defined]
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        for trial in trials:
+            with contextlib.suppress(Exception):  # a missed beat is retried next interval
+                record(trial._trial_id)
+
+    beat()
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            beat()
+
+    thread = threading.Thread(target=loop, name="droptune-population-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def population_round(
+    study: optuna.Study,
+    objective: Objective,
+    slots: list[int],
+    bind: Callable[[int, optuna.Trial], None],
+    check_stop: Callable[[], None],
+) -> list[optuna.trial.FrozenTrial]:
+    """Ask one trial per slot, train them (as populations where possible), tell them.
+
+    Args:
+        study: The study (its storage has the spec's heartbeat settings).
+        objective: The worker's objective (configs, seeds, tracking, metric and direction).
+        slots: The slots this worker claimed for the round.
+        bind: ``bind(slot, trial)`` records which trial a slot holds.
+        check_stop: Raises when a signal asked the worker to stop; called every epoch.
+
+    Returns:
+        The round's trials as stored after ``tell``.
+    """
+    members: list[Member] = []
+    for slot in slots:
+        with warnings.catch_warnings():
+            # Optuna's heartbeat thread only runs in optimize(); this round beats itself.
+            warnings.filterwarnings("ignore", message=".*Heartbeat of storage.*")
+            trial = study.ask()
+        bind(slot, trial)
+        try:
+            config, _ = objective.config_for(trial)
+        except Exception as exc:  # a config the search produced but droptune refuses
+            _fail(objective, trial, exc, None)
+            continue
+        members.append(Member(slot, trial, config))
+    spec = objective.spec
+    try:
+        with _heartbeats(study, [m.trial for m in members], spec.execution.heartbeat_interval):
+            for group in _groups(members):
+                _train_group(objective, group, check_stop)
+    except BaseException as exc:
+        # Interrupted (or broken) mid-round: no asked trial may stay RUNNING.
+        for member in members:
+            if study._storage.get_trial(member.trial._trial_id).state == TrialState.RUNNING:
+                _fail(objective, member.trial, exc, member.config)
+        raise
+    return [study._storage.get_trial(m.trial._trial_id) for m in members]
+
+
+def _groups(members: list[Member]) -> list[list[Member]]:
+    """Members with the same dropout kind train together (the kind is shared in a population)."""
+    by_kind: dict[str, list[Member]] = {}
+    for member in members:
+        by_kind.setdefault(member.config.regularization.dropout.kind, []).append(member)
+    return list(by_kind.values())
+
+
+def _train_group(
+    objective: Objective, group: list[Member], check_stop: Callable[[], None]
+) -> None:
+    from droptune.population import population_support
+
+    reason = population_support([m.config for m in group])
+    if reason is not None:
+        log.warning(
+            "population mode cannot train trials %s together (%s): running them one at a time",
+            [m.trial.number for m in group],
+            reason,
+        )
+        for member in group:
+            check_stop()
+            _single(objective, member)
+        return
+    _population(objective, group, check_stop)
+
+
+def _single(objective: Objective, member: Member) -> None:
+    """Process mode for one asked trial: the objective, then ``tell``."""
+    study = member.trial.study
+    try:
+        value = objective(member.trial)
+    except optuna.TrialPruned:
+        study.tell(member.trial, state=TrialState.PRUNED)
+        return
+    except Exception:
+        study.tell(member.trial, state=TrialState.FAIL)
+        return
+    study.tell(member.trial, value)
+
+
+def _population(objective: Objective, group: list[Member], check_stop: Callable[[], None]) -> None:
+    from droptune.population import train_population
+
+    spec = objective.spec
+    metrics = spec.study.objectives
+    directions = spec.study.study_directions
+    prune = len(metrics) == 1 and spec.pruner.name != "none"
+    for member in group:
+        objective.record_start(member.trial, member.config)
+
+    def on_epoch(index: int, epoch: int, row: dict[str, float]) -> bool:
+        check_stop()
+        if not prune:
+            return False
+        trial = group[index].trial
+        value = row.get(metrics[0])
+        if value is None or not math.isfinite(value):
+            return False
+        trial.report(float(value), step=epoch)
+        if trial.should_prune():
+            trial.set_user_attr("droptune.pruned_at_epoch", epoch)
+            return True
+        return False
+
+    try:
+        results = train_population(
+            [m.config for m in group], on_epoch=on_epoch, datamodule=_data(objective, group)
+        )
+    except BaseException as exc:
+        for member in group:
+            _fail(objective, member.trial, exc, member.config)
+        raise
+    for member, result in zip(group, results, strict=True):
+        trial, history = member.trial, result.history
+        final = dict(result.metrics)
+        if "val_loss" in final and "train_loss" in final:
+            final[GAP_METRIC] = final["val_loss"] - final["train_loss"]
+        trial.set_user_attr("droptune.epochs", result.epochs)
+        trial.set_user_attr("droptune.stopped_early", result.stopped_early)
+        trial.set_user_attr("droptune.population", len(group))
+        for key, value in final.items():
+            if math.isfinite(value):
+                trial.set_user_attr(f"metric.{key}", value)
+        if result.pruned:
+            objective.record_end(trial, "PRUNED", None, history, member.config)
+            trial.study.tell(trial, state=TrialState.PRUNED)
+            continue
+        try:
+            if result.timed_out:
+                raise TrialFailed("the deadline passed while the trial was training")
+            if len(metrics) == 1:
+                values: float | list[float] = Objective._best(
+                    metrics[0], directions[0], history, final
+                )
+            else:
+                values = [Objective._final(m, final) for m in metrics]
+        except TrialFailed as exc:
+            _fail(objective, trial, exc, member.config, history)
+            continue
+        objective.record_end(trial, "COMPLETE", values, history, member.config)
+        trial.study.tell(trial, values)
+
+
+def _data(objective: Objective, group: list[Member]) -> Any:
+    """The group's data, built once per worker while the data config stays the same (rounds
+    then skip rebuilding and re-uploading it)."""
+    import json
+
+    config = group[0].config
+    key = json.dumps(config.data.model_dump(mode="json"), sort_keys=True)
+    cached = getattr(objective, "_population_data", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    datamodule = config.build_datamodule()
+    objective._population_data = (key, datamodule)  # type: ignore[attr-defined]
+    return datamodule
+
+
+def _fail(
+    objective: Objective,
+    trial: optuna.Trial,
+    exc: BaseException,
+    config: TrainConfig | None,
+    history: list[dict[str, float]] | None = None,
+) -> None:
+    """Record why the trial failed, end its run, tell FAIL."""
+    with contextlib.suppress(Exception):
+        trial.set_user_attr("droptune.fail_reason", f"{type(exc).__name__}: {exc}"[:1000])
+        text = "".join(traceback.format_exception(exc))
+        trial.set_user_attr("droptune.traceback", text[-4000:])
+    objective.record_end(trial, "FAIL", None, history or [], config)
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+        trial.study.tell(trial, state=TrialState.FAIL)
