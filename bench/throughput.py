@@ -1,0 +1,279 @@
+"""Trials per minute: naive Optuna + Lightning against droptune's process, packed and population
+modes, on one workload, in one run (so machine load hits every mode alike).
+
+Modes:
+  (a) naive   — the yardstick, written here: an Optuna study (in-memory) whose objective builds
+                a plain ``pytorch_lightning.Trainer`` and an MLP ``LightningModule`` and fits it
+                over a ``DataLoader`` of CPU tensors (what a tutorial does);
+  (b) run-1   — ``droptune run`` with 1 worker (SQLite storage, MLflow tracking on);
+  (c) packed  — ``droptune run`` with K workers (``--per-device K`` on a GPU, ``--workers K``
+                on the CPU), same storage and tracking;
+  (d) pop-P   — ``droptune run --population P`` with 1 worker, for each P given.
+Every droptune mode is timed from the command's start to its end (process start, imports,
+storage and tracking included). The table shows trials/min, the ratio to (a) and the
+distribution of the best validation accuracy per mode (quality must not drop).
+
+Workloads: ``--scale reference`` is the issue's study (synthetic teacher task 50,000 x 784,
+10 classes, MLP 784-1024-1024-10, input + hidden dropout, AdamW decay, 5 epochs, batch 256; for
+a GPU); ``--scale cpu`` (default) shrinks it to finish in a few minutes on two cores.
+
+Run: python bench/throughput.py [--scale cpu|reference] [--populations 8,32] [--packed 2]
+     [--trials N] [--device cpu|gpu] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import yaml
+
+
+SCALES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        # Small model, many small steps: per-trial and per-step overhead dominate, as in the
+        # reference study on a GPU.
+        "data": {"n_samples": 20000, "n_features": 64, "n_classes": 10, "teacher_hidden": 64},
+        "hidden": [64, 64],
+        "max_epochs": 3,
+        "batch_size": 64,
+        "trials": {"naive": 6, "run": 8, "packed": 8, "population": 96},
+    },
+    "reference": {
+        "data": {"n_samples": 62500, "n_features": 784, "n_classes": 10, "teacher_hidden": 256},
+        "hidden": [1024, 1024],
+        "max_epochs": 5,
+        "batch_size": 256,
+        "trials": {"naive": 8, "run": 16, "packed": 48, "population": 512},
+    },
+}
+
+
+def make_spec(scale: str, name: str, n_trials: int, device: str, tmp: Path) -> dict[str, Any]:
+    """The study spec shared by every droptune mode (and mirrored by the naive baseline)."""
+    s = SCALES[scale]
+    return {
+        "study": {"name": name, "metric": "val_acc", "direction": "maximize", "seed": 0},
+        "data": {
+            "name": "synthetic",
+            **s["data"],
+            "val_fraction": 0.1,
+            "test_fraction": 0.1,
+            "label_noise": 0.05,
+            "batch_size": s["batch_size"],
+        },
+        "model": {"family": "mlp", "hidden": s["hidden"]},
+        "train": {
+            "max_epochs": s["max_epochs"],
+            "optimizer": "adamw",
+            "lr": 1.0e-3,
+            "accelerator": device,
+            "num_threads": 1 if device == "cpu" else None,
+        },
+        "regularization": {
+            "dropout": {"kind": "standard", "input_rate": 0.1, "hidden_rate": 0.3},
+            "l2": {"strength": 1.0e-4, "mode": "decoupled"},
+            "early_stopping": {"patience": None},
+        },
+        "search": {
+            "regularization.dropout.input_rate": {"low": 0.0, "high": 0.3},
+            "regularization.dropout.hidden_rate": {"low": 0.0, "high": 0.6},
+            "regularization.l2.strength": {"low": 1.0e-6, "high": 1.0e-2, "log": True},
+        },
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
+        "storage": f"sqlite:///{tmp / name / 'droptune.db'}",
+        "tracking": {"enabled": True, "uri": f"sqlite:///{tmp / name / 'mlflow.db'}"},
+        "execution": {"workers": 1, "devices": "cpu" if device == "cpu" else "auto"},
+        "n_trials": n_trials,
+    }
+
+
+def naive(scale: str, n_trials: int, device: str) -> dict[str, Any]:
+    """(a): Optuna + a plain Lightning Trainer over a DataLoader of CPU tensors."""
+    import warnings
+
+    import optuna
+    import pytorch_lightning as pl
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+    from torch.utils.data import TensorDataset
+
+    from droptune.config import TrainConfig
+
+    warnings.filterwarnings("ignore")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if device == "cpu":
+        torch.set_num_threads(1)
+    spec = make_spec(scale, "naive", n_trials, device, Path("."))
+    base = TrainConfig.from_dict({k: spec[k] for k in ("data", "model", "train")})
+    dm = base.build_datamodule()
+    (xt, yt), (xv, yv) = dm.splits["train"], dm.splits["val"]
+    train = DataLoader(TensorDataset(xt, yt), batch_size=spec["data"]["batch_size"], shuffle=True)
+    val = DataLoader(TensorDataset(xv, yv), batch_size=spec["data"]["batch_size"])
+    hidden = spec["model"]["hidden"]
+
+    class MLP(pl.LightningModule):
+        def __init__(self, p_in: float, p_h: float, wd: float) -> None:
+            super().__init__()
+            layers: list[nn.Module] = [nn.Dropout(p_in)]
+            width = xt.shape[1]
+            for h in hidden:
+                layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(p_h)]
+                width = h
+            layers.append(nn.Linear(width, int(yt.max()) + 1))
+            self.net = nn.Sequential(*layers)
+            self.wd = wd
+
+        def training_step(self, batch: Any, _: int) -> Any:
+            x, y = batch
+            loss = F.cross_entropy(self.net(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch: Any, _: int) -> None:
+            x, y = batch
+            self.log("val_acc", (self.net(x).argmax(-1) == y).float().mean())
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=self.wd)
+
+    def objective(trial: optuna.Trial) -> float:
+        p_in = trial.suggest_float("regularization.dropout.input_rate", 0.0, 0.3)
+        p_h = trial.suggest_float("regularization.dropout.hidden_rate", 0.0, 0.6)
+        wd = trial.suggest_float("regularization.l2.strength", 1e-6, 1e-2, log=True)
+        trainer = pl.Trainer(
+            max_epochs=spec["train"]["max_epochs"],
+            accelerator="gpu" if device == "gpu" else "cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(MLP(p_in, p_h, wd), train, val)
+        return float(trainer.callback_metrics["val_acc"])
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+    start = time.perf_counter()
+    study.optimize(objective, n_trials=n_trials)
+    wall = time.perf_counter() - start
+    return {
+        "trials": n_trials,
+        "wall": wall,
+        "busy": wall,
+        "acc": [t.value for t in study.trials],
+    }
+
+
+def droptune_mode(
+    scale: str, name: str, n_trials: int, device: str, tmp: Path, args: list[str]
+) -> dict[str, Any]:
+    """(b)-(d): ``droptune run`` in a subprocess, timed end to end."""
+    import optuna
+
+    spec = make_spec(scale, name, n_trials, device, tmp)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    cmd = [sys.executable, "-m", "droptune.cli", "run", str(path), *args]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=_env(device))
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    study = optuna.load_study(study_name=name, storage=spec["storage"])
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    acc = [float(t.value) for t in done if t.value is not None]
+    tracking = [float(t.user_attrs.get("droptune.tracking_seconds", 0.0)) for t in done]
+    first = min(t.datetime_start for t in done if t.datetime_start)
+    last = max(t.datetime_complete for t in done if t.datetime_complete)
+    return {
+        "trials": len(done),
+        "wall": wall,
+        "busy": (last - first).total_seconds(),
+        "acc": acc,
+        "tracking": tracking,
+    }
+
+
+def _env(device: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--populations", default="8,32", help="comma-separated P values")
+    parser.add_argument("--packed", type=int, default=2, help="workers (per GPU) in mode (c)")
+    parser.add_argument("--trials", type=int, default=None, help="override every trial count")
+    parser.add_argument("--out", type=Path, default=None, help="write results.json here")
+    args = parser.parse_args()
+    counts = dict(SCALES[args.scale]["trials"])
+    if args.trials:
+        counts = dict.fromkeys(counts, args.trials)
+    populations = [int(p) for p in args.populations.split(",") if p]
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        print(f"scale {args.scale}, device {args.device}", flush=True)
+        rows["(a) naive Optuna + Lightning"] = naive(args.scale, counts["naive"], args.device)
+        print("  naive done", flush=True)
+        rows["(b) droptune run, 1 worker"] = droptune_mode(
+            args.scale, "run1", counts["run"], args.device, tmp, ["--workers", "1"]
+        )
+        print("  run-1 done", flush=True)
+        packed = (
+            ["--per-device", str(args.packed)]
+            if args.device == "gpu"
+            else ["--workers", str(args.packed)]
+        )
+        rows[f"(c) droptune run, {args.packed} packed workers"] = droptune_mode(
+            args.scale, "packed", counts["packed"], args.device, tmp, packed
+        )
+        print("  packed done", flush=True)
+        for p in populations:
+            n = max(counts["population"], 2 * p)
+            rows[f"(d) droptune run --population {p}"] = droptune_mode(
+                args.scale, f"pop{p}", n, args.device, tmp, ["--population", str(p)]
+            )
+            print(f"  population {p} done", flush=True)
+    base = rows["(a) naive Optuna + Lightning"]
+    base_rate = 60 * base["trials"] / base["busy"]
+    print()
+    print(
+        "trials/min: from the first trial's start to the last trial's end (steady state); "
+        "end to end: the whole command (start-up, imports, study creation, study plots)"
+    )
+    print("| mode | trials | trials/min | × naive | end to end /min | best val_acc ± std |")
+    print("|---|---:|---:|---:|---:|---|")
+    for mode, row in rows.items():
+        rate = 60 * row["trials"] / row["busy"]
+        total = 60 * row["trials"] / row["wall"]
+        acc = row["acc"]
+        spread = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        print(
+            f"| {mode} | {row['trials']} | {rate:.1f} | {rate / base_rate:.2f} | {total:.1f} | "
+            f"{statistics.mean(acc):.4f} ± {spread:.4f} |"
+        )
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
