@@ -53,7 +53,6 @@ __all__ = [
     "DEFAULT_STATE_DIR",
     "STATE_FILE",
     "Stack",
-    "main",
     "read_state",
     "run_stack",
     "stack_app",
@@ -746,7 +745,15 @@ def start_stack(
     env["PYTHONUNBUFFERED"] = "1"
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "droptune.stack", "supervise", "--state-dir", str(state_dir)],
+            [
+                sys.executable,
+                "-m",
+                "droptune.cli",
+                "stack",
+                "supervise",
+                "--state-dir",
+                str(state_dir),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -969,35 +976,3 @@ def supervise(state_dir: StateDirOpt = DEFAULT_STATE_DIR) -> None:
     code = _Supervisor(request, state_dir.resolve(), detached=True).run()
     if code:
         raise typer.Exit(code)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m droptune.stack``: the stack commands with the CLI's exit codes (2 for a
-    DroptuneError) and URL passwords masked in log lines."""
-    from droptune.storage import MaskingFilter
-
-    logging.basicConfig(
-        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(MaskingFilter())
-    try:
-        code = stack_app(args=argv, standalone_mode=False)
-    except DroptuneError as exc:
-        typer.echo(f"error: {mask_text(str(exc))}", err=True)
-        return 2
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    except Exception as exc:
-        show = getattr(exc, "show", None)
-        if callable(show) and isinstance(getattr(exc, "exit_code", None), int):
-            show()
-            return int(exc.exit_code)  # type: ignore[attr-defined]
-        if type(exc).__name__ == "Abort":
-            return 130
-        raise
-    return code if isinstance(code, int) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

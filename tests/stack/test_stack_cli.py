@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from droptune.cli import main as cli_main
 from droptune.stack import ProcRef
-from droptune.stack import main
 from droptune.stack import proc_start
 from tests.study.helpers import TINY
 from tests.study.helpers import merge
@@ -110,7 +110,7 @@ def test_bad_options_exit_2_naming_the_option_and_create_nothing(
     db = tmp_path / "db" / "study.db"
     args = [a.replace("{sqlite}", f"sqlite:///{db}") for a in args]
     state_dir = tmp_path / "stack"
-    code = main(["up", str(path), "--state-dir", str(state_dir), *args])
+    code = cli_main(["stack", "up", str(path), "--state-dir", str(state_dir), *args])
     err = capsys.readouterr().err
     assert code == 2, err
     assert needle in err, err
@@ -122,9 +122,9 @@ def test_bad_options_exit_2_naming_the_option_and_create_nothing(
 def test_down_and_status_without_a_stack(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["down", "--state-dir", str(tmp_path / "none")]) == 0
+    assert cli_main(["stack", "down", "--state-dir", str(tmp_path / "none")]) == 0
     assert "nothing to stop" in capsys.readouterr().out
-    assert main(["status", "--state-dir", str(tmp_path / "none")]) == 1
+    assert cli_main(["stack", "status", "--state-dir", str(tmp_path / "none")]) == 1
 
 
 @pytest.fixture
@@ -152,7 +152,9 @@ def test_down_leaves_a_process_that_reused_a_recorded_pid_alone(
         pytest.skip("needs /proc to tell processes apart by start time")
     other = str(int(start) - 1)  # the recorded process started at another time: not this one
     write_state(tmp_path / "stack", [ProcRef("worker-0", sleeper.pid, other)])
-    assert main(["down", "--state-dir", str(tmp_path / "stack"), "--timeout", "2"]) == 0
+    assert (
+        cli_main(["stack", "down", "--state-dir", str(tmp_path / "stack"), "--timeout", "2"]) == 0
+    )
     time.sleep(0.3)
     assert sleeper.poll() is None  # still running
     assert not (tmp_path / "stack" / "stack.json").exists()
@@ -162,9 +164,11 @@ def test_down_stops_the_recorded_process_group(
     tmp_path: Path, sleeper: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_state(tmp_path / "stack", [ProcRef.of("worker-0", sleeper.pid)])
-    assert main(["status", "--state-dir", str(tmp_path / "stack")]) == 0
+    assert cli_main(["stack", "status", "--state-dir", str(tmp_path / "stack")]) == 0
     assert f"worker-0: pid {sleeper.pid} up" in capsys.readouterr().out
-    assert main(["down", "--state-dir", str(tmp_path / "stack"), "--timeout", "5"]) == 0
+    assert (
+        cli_main(["stack", "down", "--state-dir", str(tmp_path / "stack"), "--timeout", "5"]) == 0
+    )
     assert "stopped: worker-0" in capsys.readouterr().out
     assert sleeper.wait(timeout=10) == -15  # SIGTERM
 
@@ -174,8 +178,16 @@ def test_up_refuses_a_state_dir_whose_stack_still_runs(
 ) -> None:
     write_state(tmp_path / "stack", [ProcRef.of("worker-0", sleeper.pid)])
     spec = write_spec(tmp_path, tracking={"enabled": False})
-    code = main(
-        ["up", str(spec), "--storage", "sqlite:///x.db", "--state-dir", str(tmp_path / "stack")]
+    code = cli_main(
+        [
+            "stack",
+            "up",
+            str(spec),
+            "--storage",
+            "sqlite:///x.db",
+            "--state-dir",
+            str(tmp_path / "stack"),
+        ]
     )
     err = capsys.readouterr().err
     assert code == 2, err

@@ -19,7 +19,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from typing import Any
 import urllib.error
@@ -49,12 +48,8 @@ WORKERS = 3
 
 
 def stack_cmd() -> list[str]:
-    """``droptune stack`` once the CLI registers it, else ``python -m droptune.stack``."""
-    from droptune.cli import app
-
-    if any(group.name == "stack" for group in app.registered_groups):
-        return [*droptune_cmd(), "stack"]
-    return [sys.executable, "-m", "droptune.stack"]
+    """The real ``droptune stack`` command."""
+    return [*droptune_cmd(), "stack"]
 
 
 def with_secret(url: str) -> str:
