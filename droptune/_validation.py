@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 from typing import TypeVar
 
@@ -12,9 +13,64 @@ from pydantic import ValidationError
 from droptune.exceptions import ConfigError
 
 
-__all__ = ["StrictModel", "format_validation_error", "validate_model"]
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_VALUES",
+    "StrictModel",
+    "check_document_size",
+    "format_validation_error",
+    "short_repr",
+    "validate_model",
+]
 
 M = TypeVar("M", bound=BaseModel)
+
+#: Limits of a parsed document (a spec or config): values once YAML aliases are expanded, and
+#: nesting depth. A real spec has a few hundred values and 5 levels; an alias bomb ("billion
+#: laughs") or a recursive alias would otherwise expand in validation and error messages.
+MAX_VALUES = 100_000
+MAX_DEPTH = 50
+
+_repr = reprlib.Repr()
+_repr.maxlevel = 3
+_repr.maxstring = 120
+_repr.maxother = 120
+_repr.maxlong = 60
+for _name in ("maxlist", "maxtuple", "maxdict", "maxset", "maxfrozenset", "maxdeque"):
+    setattr(_repr, _name, 8)
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to a few hundred characters, in time bounded whatever ``value`` is
+    (a huge, deeply nested or self-referencing structure)."""
+    try:
+        return _repr.repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+
+
+def check_document_size(data: Any, what: str, error: type[ConfigError] = ConfigError) -> None:
+    """Refuse a parsed document with more than :data:`MAX_VALUES` values (counting every use
+    of a YAML alias) or nested deeper than :data:`MAX_DEPTH`; the walk stops at the limit."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    count = 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise error(
+                f"{what}: too large: more than {MAX_VALUES} values once YAML aliases are "
+                "expanded (an alias bomb?)"
+            )
+        if depth > MAX_DEPTH:
+            raise error(
+                f"{what}: nested too deeply: more than {MAX_DEPTH} levels (or a recursive "
+                "YAML alias)"
+            )
+        if isinstance(node, dict):
+            stack.extend((value, depth + 1) for value in node.values())
+        elif isinstance(node, list | tuple | set | frozenset):
+            stack.extend((value, depth + 1) for value in node)
 
 
 class StrictModel(BaseModel):
@@ -97,7 +153,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix
             show_input = False
         text = f"{_join(loc) or '<root>'}: {message}"
         if show_input:
-            text += f", got {error['input']!r}"
+            text += f", got {short_repr(error['input'])}"
         lines.append(text)
     return "\n".join(lines)
 

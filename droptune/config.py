@@ -27,6 +27,7 @@ from pydantic import model_validator
 import yaml
 
 from droptune._validation import StrictModel
+from droptune._validation import check_document_size
 from droptune._validation import validate_model
 from droptune.exceptions import ConfigError
 from droptune.layers._factory import DROPOUT_KINDS
@@ -434,7 +435,25 @@ def set_path(tree: dict[str, Any], path: str, value: Any) -> None:
 
 class _SafeLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading ``1e-4`` as a float like YAML 1.2 does (YAML 1.1, and so
-    plain ``yaml.safe_load``, needs a dot: ``1.0e-4``; otherwise it is the string "1e-4")."""
+    plain ``yaml.safe_load``, needs a dot: ``1.0e-4``; otherwise it is the string "1e-4").
+
+    A scalar its constructor cannot read (``2020-13-45``, ``!!int x``, ``!!bool maybe``, an
+    integer of more than 4300 digits) is a YAML error at its line, not a ValueError."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as exc:
+            if isinstance(node.value, str):
+                value = node.value if len(node.value) <= 40 else node.value[:37] + "..."
+                what = f"{value!r} as {node.tag}"
+            else:
+                what = f"a {type(node).__name__} as {node.tag}"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {what}: {exc}", node.start_mark
+            ) from None
 
 
 _SafeLoader.add_implicit_resolver(
@@ -444,16 +463,34 @@ _SafeLoader.add_implicit_resolver(
 )
 
 
-def load_yaml_mapping(text: str, what: str = "document") -> dict[str, Any]:
-    """Safe YAML loading (no object construction) that insists on a mapping at the top and
-    reports syntax errors with their line and column."""
+def load_yaml_value(text: str, what: str = "value") -> Any:
+    """Any YAML value, read safely (no object construction, no alias bombs): a syntax error,
+    an unreadable scalar, a Python tag or a document too large is a ConfigError naming
+    ``what`` (e.g. a ``--set path=value`` override)."""
     try:
         data = yaml.load(text, Loader=_SafeLoader)  # a SafeLoader subclass: no objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
+        if "constructor for the tag" in problem:
+            problem += (
+                "; YAML is read with the safe loader: Python objects (!!python/...) and "
+                "custom tags are not allowed"
+            )
         raise ConfigError(f"invalid YAML in {what}{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"invalid YAML in {what}: nested too deeply") from None
+    except Exception as exc:  # PyYAML's constructors raise a few plain errors too
+        raise ConfigError(f"invalid YAML in {what}: {type(exc).__name__}: {exc}") from None
+    check_document_size(data, what)
+    return data
+
+
+def load_yaml_mapping(text: str, what: str = "document") -> dict[str, Any]:
+    """Safe YAML loading (no object construction) that insists on a mapping at the top and
+    reports syntax errors with their line and column."""
+    data = load_yaml_value(text, what)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -9,14 +9,19 @@ storage is touched: every error is a :class:`~droptune.exceptions.SpecError` nam
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+import re
 from typing import Any
 from typing import Literal
 
 from pydantic import Field
+from pydantic import field_validator
 from pydantic import model_validator
 
 from droptune._validation import StrictModel
+from droptune._validation import check_document_size
+from droptune._validation import short_repr
 from droptune._validation import validate_model
 from droptune.config import TrainConfig
 from droptune.config import load_yaml_mapping
@@ -36,6 +41,8 @@ __all__ = [
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "grid", "nsgaii")
 PRUNERS = ("median", "asha", "successive_halving", "hyperband", "none")
 TRAIN_SECTIONS = ("data", "model", "train", "regularization")
+#: The most points a grid search may have (Optuna's GridSampler lists every combination).
+MAX_GRID_POINTS = 1_000_000
 
 
 class Distribution(StrictModel):
@@ -59,11 +66,20 @@ class Distribution(StrictModel):
                 if not (value is None or isinstance(value, bool | int | float | str)):
                     raise ValueError(
                         f"@choices: each choice must be a number, string, bool or null, "
-                        f"got {value!r}"
+                        f"got {short_repr(value)}"
+                    )
+                if isinstance(value, int) and abs(value) > 2**63 - 1:
+                    # Samplers compute with choices as floats; storages keep 64-bit integers.
+                    raise ValueError(
+                        f"@choices: an integer choice must fit in 64 bits, got {short_repr(value)}"
                     )
             return self
         if self.low is None or self.high is None:
             raise ValueError("needs low and high (a range) or choices (a list)")
+        for name in ("low", "high", "step"):
+            bound = getattr(self, name)
+            if bound is not None and not math.isfinite(bound):
+                raise ValueError(f"@{name}: must be a finite number, got {bound}")
         if self.low > self.high:
             raise ValueError(f"@low: low <= high must hold, got low={self.low}, high={self.high}")
         if self.log and self.low <= 0:
@@ -74,7 +90,17 @@ class Distribution(StrictModel):
             raise ValueError(
                 f"@low: an int range needs integer bounds, got {self.low}..{self.high}"
             )
+        if self.type == "int" and self.step is not None and self.step != int(self.step):
+            raise ValueError(f"@step: an int range needs an integer step, got {self.step}")
         return self
+
+    def grid_size(self) -> int:
+        """How many points a grid search visits on this dimension."""
+        if self.choices is not None:
+            return len(self.choices)
+        assert self.low is not None and self.high is not None
+        count = (self.high - self.low) / (self.step or 1)
+        return int(count) + 1 if math.isfinite(count) and count < 2**62 else 2**62
 
     @property
     def is_categorical(self) -> bool:
@@ -134,7 +160,8 @@ class StudySection(StrictModel):
 
 class SamplerSection(StrictModel):
     name: Literal["tpe", "random", "cmaes", "gp", "qmc", "grid", "nsgaii"] = "tpe"
-    seed: int | None = None
+    # NumPy seeds are 32-bit; each worker adds its index.
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     n_startup_trials: int | None = Field(default=None, ge=0)
 
 
@@ -162,6 +189,16 @@ class ExecutionSection(StrictModel):
     max_consecutive_failures: int = Field(default=5, ge=1)
     #: On out-of-memory, retry the trial once at half the batch size (else it fails).
     oom_retry: bool = False
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: str) -> str:
+        if value in ("auto", "cpu"):
+            return value
+        ids = [part.strip() for part in value.split(",") if part.strip()]
+        if not ids or not all(re.fullmatch(r"[0-9]+", part) for part in ids):
+            raise ValueError("must be auto, cpu or GPU ids like 0,1")
+        return value
 
 
 class StudySpec(StrictModel):
@@ -194,6 +231,7 @@ def spec_from_dict(data: Any, source: str = "spec") -> StudySpec:
     """Validate a parsed spec; every problem is a SpecError naming its dotted path."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    check_document_size(data, source, SpecError)
     spec = validate_model(StudySpec, data, error=SpecError)
     try:
         base = spec.base
@@ -213,6 +251,15 @@ def spec_from_dict(data: Any, source: str = "spec") -> StudySpec:
         raise SpecError(
             "sampler.name: grid needs choices, int ranges or a step for every search dimension"
         )
+    if spec.sampler.name == "grid":
+        points = 1
+        for path, dist in spec.search.items():
+            points *= dist.grid_size()
+            if points > MAX_GRID_POINTS:
+                raise SpecError(
+                    f"search.{path}: the grid has more than {MAX_GRID_POINTS} points; use a "
+                    "larger step, fewer choices or another sampler"
+                )
     if spec.storage is not None:
         from droptune.storage import check_url
 
@@ -221,10 +268,12 @@ def spec_from_dict(data: Any, source: str = "spec") -> StudySpec:
 
 
 def load_spec(path: str | Path) -> StudySpec:
-    """Read and validate a study spec YAML file (safe loader only).
+    """Read and validate a study spec YAML file (safe loader only), and import the user classes
+    it names (``data.datamodule``, ``model.target``: nothing else in a spec is code).
 
     Raises:
-        SpecError: The file is missing, not valid YAML, or any field is invalid.
+        SpecError: The file is missing, not valid YAML, any field is invalid, or a user class
+            does not import.
     """
     file = Path(path)
     if not file.is_file():
@@ -235,4 +284,66 @@ def load_spec(path: str | Path) -> StudySpec:
         raise SpecError(str(exc)) from None
     except UnicodeDecodeError:
         raise SpecError(f"spec file {str(file)!r} is not UTF-8 text") from None
-    return spec_from_dict(data, str(file))
+    spec = spec_from_dict(data, str(file))
+    _check_sampler_installed(spec)
+    _check_user_code(spec)
+    return spec
+
+
+#: Samplers that need a package droptune does not depend on.
+_SAMPLER_PACKAGES = {"cmaes": "cmaes", "gp": "scipy", "qmc": "scipy"}
+
+
+def _check_sampler_installed(spec: StudySpec) -> None:
+    """Optuna imports these packages only when the sampler first samples (every trial after
+    the first would fail): refuse the spec instead."""
+    import importlib.util
+
+    package = _SAMPLER_PACKAGES.get(spec.sampler.name)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise SpecError(
+            f"sampler.name: {spec.sampler.name} needs the {package!r} package, which is not "
+            f"installed (pip install {package}); or use another sampler such as tpe or random"
+        )
+
+
+def _import(path: str, field: str) -> Any:
+    from droptune.data._build import import_object
+
+    try:
+        return import_object(path, field)
+    except ConfigError as exc:
+        raise SpecError(str(exc)) from None
+    except (Exception, SystemExit) as exc:  # the user's module failed while being imported
+        raise SpecError(
+            f"{field}: importing {path!r} failed: {type(exc).__name__}: {str(exc)[:300]}"
+        ) from None
+
+
+def _check_user_code(spec: StudySpec) -> None:
+    """Import the user classes a spec names (the only code a spec can name: its import paths),
+    so that a bad one is a SpecError before any study is created, not a failed trial, and so
+    that a path to any other callable (``os:system``) is never called with the spec's kwargs."""
+    base = spec.base
+    if base.data.name == "datamodule" and base.data.datamodule is not None:
+        import pytorch_lightning as pl
+
+        path = base.data.datamodule
+        obj = _import(path, "data.datamodule")
+        if not (isinstance(obj, type) and issubclass(obj, pl.LightningDataModule)):
+            what = f"class {obj.__name__}" if isinstance(obj, type) else type(obj).__name__
+            raise SpecError(
+                f"data.datamodule: {path!r} is a {what}, not a subclass of "
+                "pytorch_lightning.LightningDataModule"
+            )
+    if base.model.family == "custom" and base.model.target is not None:
+        from torch import nn
+
+        path = base.model.target
+        obj = _import(path, "model.target")
+        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+            what = f"class {obj.__name__}" if isinstance(obj, type) else type(obj).__name__
+            raise SpecError(
+                f"model.target: {path!r} is a {what}, not a subclass of torch.nn.Module "
+                "(or pytorch_lightning.LightningModule)"
+            )
