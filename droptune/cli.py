@@ -160,7 +160,8 @@ def _spec_and_url(
 def run(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec YAML.")],
     n_trials: Annotated[
-        int | None, typer.Option(min=1, help="Trials to finish (COMPLETE or PRUNED).")
+        int | None,
+        typer.Option(min=1, max=1_000_000, help="Trials to finish (COMPLETE or PRUNED)."),
     ] = None,
     timeout: Annotated[
         float | None, typer.Option(min=1, help="Seconds after which no new trial starts.")
@@ -230,7 +231,9 @@ def worker(
     n_trials: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Create the study with this many trials if it does not exist yet."
+            min=1,
+            max=1_000_000,
+            help="Create the study with this many trials if it does not exist yet.",
         ),
     ] = None,
     owner: Annotated[str | None, typer.Option(help="Worker identity (default host:pid).")] = None,
@@ -248,8 +251,7 @@ def worker(
     ] = None,
 ) -> None:
     """Join a study (creating it if needed) and run trials until it has its trial count."""
-    import yaml
-
+    from droptune.config import load_yaml_value
     from droptune.study.runner import create_study
     from droptune.study.worker import run_worker
 
@@ -259,7 +261,7 @@ def worker(
         key, sep, value = item.partition("=")
         if not sep:
             raise typer.BadParameter(f"expected path=value, got {item!r}", param_hint="--set")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = load_yaml_value(value, f"--set {key}")
     if overrides:
         spec.base.with_overrides(overrides)  # validate before joining
     _quiet_lightning()

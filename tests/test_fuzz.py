@@ -3,8 +3,8 @@
 Contract: whatever a YAML file or an argument list holds, ``load_spec`` returns a ``StudySpec``
 or raises a ``SpecError``, and ``droptune.cli.main`` returns 0 or 2 (a usage or spec error),
 never a traceback, and never leaves a study behind in the storage. Python YAML tags are never
-executed. Known crashes outside the files this suite may fix are ``xfail(strict=True)`` cases
-at the end, each with its minimal input.
+executed. The crashes the fuzzing found in the command line and the config builders stay at
+the end as regression tests, each with its minimal input.
 
 Every hypothesis test runs a fixed number of examples, derandomized and without an example
 database, so CI sees the same inputs on every run.
@@ -1225,15 +1225,9 @@ def test_yaml_value_parser_for_overrides(text: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Known crashes in droptune/cli.py and droptune/study/runner.py (outside this suite's files).
+# Crashes the fuzzing found outside the spec loader (each fixed; kept as regressions).
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py worker parses --set values with yaml.safe_load unguarded: a YAML error, a "
-    "Python tag or a 5000-digit int is an uncaught exception (exit 1, traceback logged); "
-    "fix: overrides[key] = droptune.config.load_yaml_value(value, f'--set {key}')",
-)
 @pytest.mark.parametrize(
     "value",
     ["x=[unclosed", "x=!!python/name:os.system", "x=" + "1" * 5000],
@@ -1248,12 +1242,6 @@ def test_worker_set_value_that_is_not_yaml_exits_2(
         _check_cli(argv, code, out, err, tmp)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="run_study() creates the study before plan_workers() checks --devices: exit 2 "
-    "but the study is left behind; fix: check --devices in cli.run (or plan the workers "
-    "before create_study in runner.run_study)",
-)
 def test_run_with_bad_devices_creates_no_study(capsys: pytest.CaptureFixture[str]) -> None:
     with _cli_sandbox() as tmp:
         argv = ["run", "valid.yaml", "--storage", f"sqlite:///{tmp / 'f.db'}", "--devices", "xyz"]
@@ -1262,13 +1250,6 @@ def test_run_with_bad_devices_creates_no_study(capsys: pytest.CaptureFixture[str
         _check_cli(argv, code, out, err, tmp)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="data/_build.py build_object() calls the imported object with data.kwargs before "
-    "checking that it is a LightningDataModule (model.target: an nn.Module), so `droptune "
-    "train` and TrainConfig.build_datamodule() run e.g. os:system(command=...) from a config "
-    "file; fix: check isinstance(factory, type) and issubclass(factory, expected) first",
-)
 @pytest.mark.parametrize(
     ("section", "field"), [("data", "datamodule"), ("model", "target")], ids=["data", "model"]
 )

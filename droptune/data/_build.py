@@ -55,9 +55,15 @@ def build_object(
     expected: type | tuple[type, ...],
     what: str,
 ) -> Any:
-    """Import ``path`` (a ConfigError names ``field``), call it with ``kwargs`` (a failure names
-    ``kwargs_field``) and check the result is an instance of ``expected``."""
+    """Import ``path`` (a ConfigError names ``field``), check it is a class deriving from
+    ``expected`` — before anything is called, so that a config cannot run an arbitrary callable
+    such as ``os:system`` — then build it with ``kwargs`` (a failure names ``kwargs_field``)."""
     factory = import_object(path, field)
+    if not (isinstance(factory, type) and issubclass(factory, expected)):
+        raise ConfigError(
+            f"{field}: {path!r} is a {type(factory).__name__}, not a class deriving from {what}; "
+            "give package.module:Class"
+        )
     try:
         obj = factory(**kwargs)
     except Exception as exc:

@@ -224,14 +224,15 @@ def run_study(
     name = study_name or spec.study.name
     url = storage_url or spec.storage or default_url(name)
     total = n_trials or spec.n_trials
-    study = create_study(spec, url, name, total)
-    reap_trials(study)
     execution = spec.execution
+    # Options first (a bad --devices must not leave a study behind), then the study.
     plan = plan_workers(
         devices or execution.devices,
         workers if workers is not None else execution.workers,
         per_device or execution.per_device,
     )
+    study = create_study(spec, url, name, total)
+    reap_trials(study)
     deadline_s = timeout or spec.timeout
     deadline = time.time() + deadline_s if deadline_s else None
     if spec.base.train.num_threads is not None:

@@ -76,14 +76,23 @@ class Slots:
                     sa.select(_table.c.slot).where(_table.c.study_name == self.study_name)
                 )
             }
-        for slot in range(n):
-            if slot in existing:
-                continue
+        missing = [slot for slot in range(n) if slot not in existing]
+        for start in range(0, len(missing), 1000):
+            chunk = [
+                {"study_name": self.study_name, "slot": slot}
+                for slot in missing[start : start + 1000]
+            ]
             try:
-                with self.engine.begin() as conn:
-                    conn.execute(_table.insert().values(study_name=self.study_name, slot=slot))
+                with self.engine.begin() as conn:  # one transaction per thousand slots
+                    conn.execute(_table.insert(), chunk)
             except sa.exc.IntegrityError:
-                pass  # another process created it
+                # Another process created some of them meanwhile: add the rest one by one.
+                for row in chunk:
+                    try:
+                        with self.engine.begin() as conn:
+                            conn.execute(_table.insert().values(**row))
+                    except sa.exc.IntegrityError:
+                        pass
 
     @_riding_outages
     def total(self) -> int:

@@ -201,6 +201,10 @@ class ExecutionSection(StrictModel):
         return value
 
 
+#: The most trials one study may ask for (its slot table holds one row per trial).
+MAX_TRIALS = 1_000_000
+
+
 class StudySpec(StrictModel):
     """A validated study spec. ``base`` is the fixed training config the search varies."""
 
@@ -215,7 +219,7 @@ class StudySpec(StrictModel):
     storage: str | None = None
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     execution: ExecutionSection = Field(default_factory=ExecutionSection)
-    n_trials: int = Field(default=20, ge=1)
+    n_trials: int = Field(default=20, ge=1, le=MAX_TRIALS)
     timeout: float | None = Field(default=None, gt=0)
 
     @property
