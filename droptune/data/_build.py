@@ -59,11 +59,13 @@ def build_object(
     ``expected`` — before anything is called, so that a config cannot run an arbitrary callable
     such as ``os:system`` — then build it with ``kwargs`` (a failure names ``kwargs_field``)."""
     factory = import_object(path, field)
-    if not (isinstance(factory, type) and issubclass(factory, expected)):
+    if not isinstance(factory, type):
         raise ConfigError(
-            f"{field}: {path!r} is a {type(factory).__name__}, not a class deriving from {what}; "
-            "give package.module:Class"
+            f"{field}: {path!r} is a {type(factory).__name__}, not a class; give "
+            f"package.module:Class naming {what} (nothing else is called)"
         )
+    if not issubclass(factory, expected):
+        raise ConfigError(f"{field}: {path!r} is not {what} (it was not built)")
     try:
         obj = factory(**kwargs)
     except Exception as exc:
