@@ -173,6 +173,8 @@ class Objective:
         self.worker = worker
         self.extra_callbacks = extra_callbacks or []
         self.on_trial_start: list[Any] = []
+        #: Population rounds: (data config key, datamodule) built once per worker.
+        self.population_data: tuple[str, Any] | None = None
 
     def config_for(self, trial: optuna.Trial) -> tuple[TrainConfig, dict[str, Any]]:
         params = suggest(trial, self.spec, self.base)

@@ -238,11 +238,11 @@ def _data(objective: Objective, group: list[Member]) -> Any:
 
     config = group[0].config
     key = json.dumps(config.data.model_dump(mode="json"), sort_keys=True)
-    cached = getattr(objective, "_population_data", None)
+    cached = objective.population_data
     if cached is not None and cached[0] == key:
         return cached[1]
     datamodule = config.build_datamodule()
-    objective._population_data = (key, datamodule)  # type: ignore[attr-defined]
+    objective.population_data = (key, datamodule)
     return datamodule
 
 

@@ -328,26 +328,31 @@ def _check_user_code(spec: StudySpec) -> None:
     """Import the user classes a spec names (the only code a spec can name: its import paths),
     so that a bad one is a SpecError before any study is created, not a failed trial, and so
     that a path to any other callable (``os:system``) is never called with the spec's kwargs."""
+    import pytorch_lightning as pl
+    from torch import nn
+
     base = spec.base
+    checks: list[tuple[str, str, type, str]] = []
     if base.data.name == "datamodule" and base.data.datamodule is not None:
-        import pytorch_lightning as pl
-
-        path = base.data.datamodule
-        obj = _import(path, "data.datamodule")
-        if not (isinstance(obj, type) and issubclass(obj, pl.LightningDataModule)):
-            what = f"class {obj.__name__}" if isinstance(obj, type) else type(obj).__name__
-            raise SpecError(
-                f"data.datamodule: {path!r} is a {what}, not a subclass of "
-                "pytorch_lightning.LightningDataModule"
+        checks.append(
+            (
+                base.data.datamodule,
+                "data.datamodule",
+                pl.LightningDataModule,
+                "pytorch_lightning.LightningDataModule",
             )
+        )
     if base.model.family == "custom" and base.model.target is not None:
-        from torch import nn
-
-        path = base.model.target
-        obj = _import(path, "model.target")
-        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-            what = f"class {obj.__name__}" if isinstance(obj, type) else type(obj).__name__
-            raise SpecError(
-                f"model.target: {path!r} is a {what}, not a subclass of torch.nn.Module "
-                "(or pytorch_lightning.LightningModule)"
+        checks.append(
+            (
+                base.model.target,
+                "model.target",
+                nn.Module,
+                "torch.nn.Module (or pytorch_lightning.LightningModule)",
             )
+        )
+    for path, field, expected, what in checks:
+        obj = _import(path, field)
+        if not (isinstance(obj, type) and issubclass(obj, expected)):
+            kind = f"class {obj.__name__}" if isinstance(obj, type) else type(obj).__name__
+            raise SpecError(f"{field}: {path!r} is a {kind}, not a subclass of {what}")
