@@ -95,7 +95,7 @@ def test_sigkilled_population_worker_trials_go_stale_and_are_retried(
     grace = 5
     path = write_spec(
         study={"name": name},
-        train={"max_epochs": 400},
+        train={"max_epochs": 100_000},  # still training when killed, however fast the machine
         search=ONE_KIND,
         pruner={"name": "none"},
         execution={"heartbeat_interval": 1, "grace_period": grace, "population": 3},
@@ -109,6 +109,8 @@ def test_sigkilled_population_worker_trials_go_stale_and_are_retried(
 
     victims = wait_for(lambda: len(running()) == n and running(), 240, "3 RUNNING trials", worker)
     time.sleep(2.0)  # beats while they train
+    assert worker.poll() is None, "the worker finished before it could be killed"
+    assert len(running()) == n
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait(timeout=30)
     # The heartbeats the round recorded go stale: the next run fails those trials, retries their
