@@ -8,29 +8,38 @@ Modes:
   (b) run-1   — ``droptune run`` with 1 worker (SQLite storage, MLflow tracking on);
   (c) packed  — ``droptune run`` with K workers (``--per-device K`` on a GPU, ``--workers K``
                 on the CPU), same storage and tracking;
-  (d) pop-P   — ``droptune run --population P`` with 1 worker, for each P given.
+  (d) pop-P   — ``droptune run --population P`` with 1 worker, for each P given, and with W
+                workers per device (``--pop-workers 1,W``: W processes share the GPU, so one
+                worker's bookkeeping overlaps another's training).
 Every droptune mode is timed from the command's start to its end (process start, imports,
 storage and tracking included). The table shows trials/min, the ratio to (a) and the
-distribution of the best validation accuracy per mode (quality must not drop).
+distribution of the best validation accuracy per mode (quality must not drop); on a GPU, the
+mean GPU utilisation sampled by ``nvidia-smi`` while the mode ran.
+
+On a GPU every mode (the naive baseline too) runs with ``train.matmul_precision: high`` (TF32
+matrix products) and the population modes with ``execution.population_init: fast``.
 
 Workloads: ``--scale reference`` is the issue's study (synthetic teacher task 50,000 x 784,
 10 classes, MLP 784-1024-1024-10, input + hidden dropout, AdamW decay, 5 epochs, batch 256; for
 a GPU); ``--scale cpu`` (default) shrinks it to finish in a few minutes on two cores.
 
 Run: python bench/throughput.py [--scale cpu|reference] [--populations 8,32] [--packed 2]
-     [--trials N] [--device cpu|gpu] [--out DIR]
+     [--pop-workers 1] [--trials N] [--device cpu|gpu] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from pathlib import Path
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -52,7 +61,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "hidden": [1024, 1024],
         "max_epochs": 5,
         "batch_size": 256,
-        "trials": {"naive": 8, "run": 16, "packed": 48, "population": 512},
+        "trials": {"naive": 6, "run": 8, "packed": 24, "population": 512},
     },
 }
 
@@ -77,6 +86,7 @@ def make_spec(scale: str, name: str, n_trials: int, device: str, tmp: Path) -> d
             "lr": 1.0e-3,
             "accelerator": device,
             "num_threads": 1 if device == "cpu" else None,
+            "matmul_precision": None if device == "cpu" else "high",
         },
         "regularization": {
             "dropout": {"kind": "standard", "input_rate": 0.1, "hidden_rate": 0.3},
@@ -92,7 +102,11 @@ def make_spec(scale: str, name: str, n_trials: int, device: str, tmp: Path) -> d
         "pruner": {"name": "none"},
         "storage": f"sqlite:///{tmp / name / 'droptune.db'}",
         "tracking": {"enabled": True, "uri": f"sqlite:///{tmp / name / 'mlflow.db'}"},
-        "execution": {"workers": 1, "devices": "cpu" if device == "cpu" else "auto"},
+        "execution": {
+            "workers": 1,
+            "devices": "cpu" if device == "cpu" else "auto",
+            "population_init": "exact" if device == "cpu" else "fast",
+        },
         "n_trials": n_trials,
     }
 
@@ -113,9 +127,11 @@ def naive(scale: str, n_trials: int, device: str) -> dict[str, Any]:
 
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = make_spec(scale, "naive", n_trials, device, Path("."))
     if device == "cpu":
         torch.set_num_threads(1)
-    spec = make_spec(scale, "naive", n_trials, device, Path("."))
+    else:
+        torch.set_float32_matmul_precision(spec["train"]["matmul_precision"])
     base = TrainConfig.from_dict({k: spec[k] for k in ("data", "model", "train")})
     dm = base.build_datamodule()
     (xt, yt), (xv, yv) = dm.splits["train"], dm.splits["val"]
@@ -206,6 +222,75 @@ def droptune_mode(
     }
 
 
+def pure(scale: str, size: int, device: str) -> dict[str, Any]:
+    """(e): ``train_population`` of ``size`` members in this process, with no storage, no
+    tracking and no process start: the training loop's own ceiling (one warm-up run first)."""
+    import random
+
+    from droptune.config import TrainConfig
+    from droptune.population import train_population
+
+    spec = make_spec(scale, "pure", size, device, Path("."))
+    base = TrainConfig.from_dict(
+        {k: spec[k] for k in ("data", "model", "train", "regularization")}
+    )
+    data = base.build_datamodule()
+    rng = random.Random(0)
+
+    def members() -> list[TrainConfig]:
+        return [
+            base.with_overrides(
+                {
+                    "train.seed": i,
+                    "regularization.dropout.input_rate": rng.uniform(0.0, 0.3),
+                    "regularization.dropout.hidden_rate": rng.uniform(0.0, 0.6),
+                    "regularization.l2.strength": 10 ** rng.uniform(-6, -2),
+                }
+            )
+            for i in range(size)
+        ]
+
+    init = spec["execution"]["population_init"]
+    train_population(members(), datamodule=data, init=init)  # warm-up: CUDA context, kernels
+    start = time.perf_counter()
+    results = train_population(members(), datamodule=data, init=init)
+    wall = time.perf_counter() - start
+    acc = [max(row["val_acc"] for row in r.history) for r in results]
+    return {"trials": size, "wall": wall, "busy": wall, "acc": acc}
+
+
+class GpuSampler:
+    """Mean GPU utilisation (``nvidia-smi``, every 0.5 s) while a mode runs; None off a GPU."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and shutil.which("nvidia-smi") is not None
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _loop(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+        while not self._stop.wait(0.5):
+            out = subprocess.run(query, capture_output=True, text=True, check=False).stdout
+            with contextlib.suppress(ValueError, IndexError):
+                self.samples.append(float(out.split()[0]))
+
+    def __enter__(self) -> GpuSampler:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.mean(self.samples) if self.samples else None
+
+
 def _env(device: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
@@ -214,12 +299,48 @@ def _env(device: str) -> dict[str, str]:
     return env
 
 
+def table(rows: dict[str, dict[str, Any]]) -> str:
+    """The markdown table: rates, ratios to (a), accuracy and GPU utilisation per mode."""
+    base = rows.get(NAIVE)
+    base_rate = 60 * base["trials"] / base["busy"] if base else None
+    lines = [
+        "trials/min: from the first trial's start to the last trial's end (steady state); "
+        "end to end: the whole command (start-up, imports, study creation, study plots)",
+        "",
+        "| mode | trials | trials/min | × naive | end to end /min | best val_acc ± std "
+        "| GPU util |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for mode, row in sorted(rows.items()):
+        rate = 60 * row["trials"] / row["busy"]
+        total = 60 * row["trials"] / row["wall"]
+        acc = row["acc"]
+        spread = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        ratio = f"{rate / base_rate:.2f}" if base_rate else "-"
+        util = row.get("gpu_util")
+        lines.append(
+            f"| {mode} | {row['trials']} | {rate:.1f} | {ratio} | {total:.1f} | "
+            f"{statistics.mean(acc):.4f} ± {spread:.4f} | "
+            f"{'-' if util is None else f'{util:.0f}%'} |"
+        )
+    return "\n".join(lines)
+
+
+NAIVE = "(a) naive Optuna + Lightning"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--populations", default="8,32", help="comma-separated P values")
     parser.add_argument("--packed", type=int, default=2, help="workers (per GPU) in mode (c)")
+    parser.add_argument(
+        "--pop-workers", default="1", help="comma-separated workers (per GPU) for mode (d)"
+    )
+    parser.add_argument(
+        "--pure", type=int, default=0, help="also time train_population alone at this P"
+    )
     parser.add_argument("--trials", type=int, default=None, help="override every trial count")
     parser.add_argument("--out", type=Path, default=None, help="write results.json here")
     args = parser.parse_args()
@@ -227,52 +348,55 @@ def main() -> None:
     if args.trials:
         counts = dict.fromkeys(counts, args.trials)
     populations = [int(p) for p in args.populations.split(",") if p]
+    pop_workers = [int(w) for w in args.pop_workers.split(",") if w]
+    gpu = args.device == "gpu"
+
+    def spread(workers: int) -> list[str]:
+        return ["--per-device", str(workers)] if gpu else ["--workers", str(workers)]
+
+    # the population modes right after the baseline: a run cut short still has the figures
+    # the targets are about
+    plan: list[tuple[str, str, int, list[str] | None]] = [(NAIVE, "naive", counts["naive"], None)]
+    for p in populations:
+        for w in pop_workers:
+            # at least two rounds per worker, so that the steady state is measured
+            n = max(counts["population"], 2 * p * w)
+            label = f"(d) droptune run --population {p}" + (f", {w} workers" if w > 1 else "")
+            plan.append((label, f"pop{p}w{w}", n, ["--population", str(p), *spread(w)]))
+    plan += [
+        (
+            f"(c) droptune run, {args.packed} packed workers",
+            "packed",
+            counts["packed"],
+            spread(args.packed),
+        ),
+        ("(b) droptune run, 1 worker", "run1", counts["run"], ["--workers", "1"]),
+    ]
+    if args.pure:
+        label = f"(e) train_population alone, P={args.pure} (no storage, no tracking)"
+        plan.append((label, "pure", args.pure, []))
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         print(f"scale {args.scale}, device {args.device}", flush=True)
-        rows["(a) naive Optuna + Lightning"] = naive(args.scale, counts["naive"], args.device)
-        print("  naive done", flush=True)
-        rows["(b) droptune run, 1 worker"] = droptune_mode(
-            args.scale, "run1", counts["run"], args.device, tmp, ["--workers", "1"]
-        )
-        print("  run-1 done", flush=True)
-        packed = (
-            ["--per-device", str(args.packed)]
-            if args.device == "gpu"
-            else ["--workers", str(args.packed)]
-        )
-        rows[f"(c) droptune run, {args.packed} packed workers"] = droptune_mode(
-            args.scale, "packed", counts["packed"], args.device, tmp, packed
-        )
-        print("  packed done", flush=True)
-        for p in populations:
-            n = max(counts["population"], 2 * p)
-            rows[f"(d) droptune run --population {p}"] = droptune_mode(
-                args.scale, f"pop{p}", n, args.device, tmp, ["--population", str(p)]
-            )
-            print(f"  population {p} done", flush=True)
-    base = rows["(a) naive Optuna + Lightning"]
-    base_rate = 60 * base["trials"] / base["busy"]
+        for label, name, n, cli in plan:
+            with GpuSampler(gpu) as sampler:
+                if cli is None:
+                    row = naive(args.scale, n, args.device)
+                elif name == "pure":
+                    row = pure(args.scale, n, args.device)
+                else:
+                    row = droptune_mode(args.scale, name, n, args.device, tmp, cli)
+            row["gpu_util"] = sampler.mean
+            rows[label] = row
+            rate = 60 * row["trials"] / row["busy"]
+            print(f"  {label}: {row['trials']} trials, {rate:.1f}/min", flush=True)
+            if args.out is not None:  # after every mode: a run cut short keeps what it measured
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+                (args.out / "table.md").write_text(table(rows) + "\n")
     print()
-    print(
-        "trials/min: from the first trial's start to the last trial's end (steady state); "
-        "end to end: the whole command (start-up, imports, study creation, study plots)"
-    )
-    print("| mode | trials | trials/min | × naive | end to end /min | best val_acc ± std |")
-    print("|---|---:|---:|---:|---:|---|")
-    for mode, row in rows.items():
-        rate = 60 * row["trials"] / row["busy"]
-        total = 60 * row["trials"] / row["wall"]
-        acc = row["acc"]
-        spread = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        print(
-            f"| {mode} | {row['trials']} | {rate:.1f} | {rate / base_rate:.2f} | {total:.1f} | "
-            f"{statistics.mean(acc):.4f} ± {spread:.4f} |"
-        )
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    print(table(rows))
 
 
 if __name__ == "__main__":

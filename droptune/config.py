@@ -339,6 +339,10 @@ class TrainSettings(StrictModel):
     gradient_clip: float | None = Field(default=None, gt=0.0)
     deterministic: bool = False
     num_threads: PositiveInt | None = None
+    #: ``torch.set_float32_matmul_precision`` for float32 training: ``high`` lets CUDA matrix
+    #: products use TF32 tensor cores (as Lightning's start-up hint suggests), ``medium`` bf16;
+    #: null leaves torch's setting (``highest``) alone.
+    matmul_precision: Literal["highest", "high", "medium"] | None = None
 
 
 class TrainConfig(StrictModel):

@@ -37,6 +37,7 @@ __all__ = [
     "mask_url",
     "open_storage",
     "retry_outage",
+    "set_user_attrs",
 ]
 
 log = logging.getLogger(__name__)
@@ -290,12 +291,72 @@ def _storage_class() -> Any:
 
             return wrapper
 
+        def set_trial_user_attrs(self: Any, trial_id: int, attrs: dict[str, Any]) -> None:
+            retry_outage(lambda: _write_user_attrs(self, trial_id, attrs), "set_trial_user_attrs")
+
         _STORAGE_CLASS = type(
             "RetryingRDBStorage",
             (optuna.storages.RDBStorage,),
-            {name: retried(name) for name in _RETRIED},
+            {
+                **{name: retried(name) for name in _RETRIED},
+                "set_trial_user_attrs": set_trial_user_attrs,
+            },
         )
     return _STORAGE_CLASS
+
+
+def _write_user_attrs(storage: Any, trial_id: int, attrs: dict[str, Any]) -> None:
+    """Several user attributes of one trial in one transaction: one multi-row upsert on SQLite
+    and PostgreSQL (Optuna's own upsert, for many keys at once), Optuna's per-key write inside
+    the same transaction elsewhere. The trial must still be updatable, as for
+    ``set_trial_user_attr``."""
+    import json
+
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    model = models.TrialUserAttributeModel
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+        storage.check_trial_is_updatable(trial_id, trial.state)
+        dialect = storage.engine.name
+        if dialect in ("sqlite", "postgresql"):
+            from sqlalchemy.dialects import postgresql
+            from sqlalchemy.dialects import sqlite
+
+            insert: Any = sqlite.insert if dialect == "sqlite" else postgresql.insert
+            rows = [
+                {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+                for key, value in attrs.items()
+            ]
+            stmt = insert(model).values(rows)
+            session.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[model.trial_id, model.key],
+                    set_={"value_json": stmt.excluded.value_json},
+                )
+            )
+        else:
+            for key, value in attrs.items():
+                storage._set_trial_attr_without_commit(session, model, trial_id, key, value)
+
+
+def set_user_attrs(trial: Any, attrs: dict[str, Any]) -> None:
+    """``trial.set_user_attr`` for every item of ``attrs``, in one transaction when the study's
+    storage is droptune's (each of Optuna's writes is its own transaction, several
+    milliseconds apiece; a trial records a dozen attributes or more)."""
+    if not attrs:
+        return
+    storage = trial.study._storage
+    batch = getattr(getattr(storage, "_backend", storage), "set_trial_user_attrs", None)
+    if batch is None:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    batch(trial._trial_id, dict(attrs))
+    cached = getattr(trial, "_cached_frozen_trial", None)  # what ``trial.user_attrs`` reads
+    if cached is not None:
+        cached.user_attrs.update(attrs)
 
 
 _CREATE_ATTEMPTS = 5

@@ -162,6 +162,8 @@ def fit(
     """
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
+    if config.train.matmul_precision is not None:
+        torch.set_float32_matmul_precision(config.train.matmul_precision)
     pl.seed_everything(config.train.seed, workers=True, verbose=False)
     datamodule = config.build_datamodule()
     module = config.build_module(datamodule)

@@ -391,3 +391,21 @@ def test_user_callbacks_run_next_to_droptunes_own() -> None:
     assert RegularizationCallback in kinds and EarlyStopping in kinds and Recorder in kinds
     assert trainer.max_epochs == 1
     assert trainer.logger is None
+
+
+def test_matmul_precision_is_applied_and_validated() -> None:
+    previous = torch.get_float32_matmul_precision()
+    cfg = TrainConfig.from_dict(
+        {
+            "data": {"name": "synthetic", "n_samples": 200, "n_features": 8},
+            "model": {"hidden": [8]},
+            "train": {"max_epochs": 1, "accelerator": "cpu", "matmul_precision": "high"},
+        }
+    )
+    try:
+        fit(cfg, test=False)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    with pytest.raises(ValueError, match=r"train\.matmul_precision: .*'highest'.*'tf32'"):
+        TrainConfig.from_dict({"train": {"matmul_precision": "tf32"}})

@@ -15,6 +15,14 @@ follows droptune's single-model path step for step:
 
 A member whose ``active`` weight is 0 is frozen: its parameters, moments and step count stay
 bit-for-bit what they were (every change is multiplied by 0 or interpolated with weight 0).
+
+Adam's update is memory-bound: spelled out in tensor operations it reads and writes every
+parameter about ten times. When every row of the stacks is training and all members share one
+learning rate (the common case, and always the case after finished members are compacted
+away), the step goes through PyTorch's fused Adam kernel instead (``torch._fused_adam_``, the
+kernel behind ``torch.optim.Adam(fused=True)``): one pass over parameters, gradients and
+moments, the same formula. Otherwise (frozen rows still in the stacks, per-member learning
+rates, SGD) the element-wise path above runs.
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ class StackedOptimizer:
             dtype, like torch's scalar arithmetic).
         decoupled, coupled: ``[P]`` L2 strengths; a member has one of the two non-zero.
         clip: ``[P]`` gradient-norm limits (``inf`` for none), or None when no member clips.
+        fused: Use the fused Adam kernel when every row trains with one learning rate; default
+            (None): on CUDA devices only (on the CPU the element-wise path is as fast).
     """
 
     def __init__(
@@ -63,6 +73,7 @@ class StackedOptimizer:
         clip: Tensor | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        fused: bool | None = None,
     ) -> None:
         if len(params) != len(decayed):
             raise ValueError("one decayed flag per parameter is needed")
@@ -74,15 +85,27 @@ class StackedOptimizer:
         self.betas, self.eps = betas, eps
         self.active = torch.ones_like(lr)
         self.steps = torch.zeros_like(lr)
+        device = self.params[0].device if self.params else lr.device
+        self.fused = (device.type == "cuda") if fused is None else fused
+        if self.fused and not hasattr(torch, "_fused_adam_"):
+            self.fused = False
+        # host copies: the fast path is chosen without a device sync
+        self._lr_host: list[float] = lr.tolist()
+        self._active_host: list[bool] = [True] * len(self._lr_host)
         self.use_decoupled = bool((decoupled > 0).any())
         self.use_coupled = bool((coupled > 0).any())
         self.state: list[list[Tensor]] = [
             [torch.zeros_like(p) for _ in range(2 if kind == "adam" else 1)] for p in self.params
         ]
 
-    def set_active(self, mask: Tensor) -> None:
+    def set_active(self, mask: Tensor | Sequence[bool]) -> None:
         """Members whose mask is False are frozen from the next step on."""
-        self.active = mask.to(self.lr)
+        if isinstance(mask, Tensor):
+            self._active_host = [bool(v) for v in mask.tolist()]
+            self.active = mask.to(self.lr)
+        else:
+            self._active_host = [bool(v) for v in mask]
+            self.active = torch.tensor(self._active_host, device=self.lr.device).to(self.lr)
 
     def zero_grad(self) -> None:
         for param in self.params:
@@ -93,6 +116,9 @@ class StackedOptimizer:
         self.params = list(params)
         for name in ("lr", "momentum", "decoupled", "coupled", "active", "steps"):
             setattr(self, name, getattr(self, name).index_select(0, index))
+        rows = index.tolist()
+        self._lr_host = [self._lr_host[row] for row in rows]
+        self._active_host = [self._active_host[row] for row in rows]
         if self.clip is not None:
             self.clip = self.clip.index_select(0, index)
         self.state = [[s.index_select(0, index) for s in slots] for slots in self.state]
@@ -117,7 +143,9 @@ class StackedOptimizer:
             for param, decay in zip(self.params, self.decayed, strict=True):
                 if decay:
                     param.mul_(_per_member(shrink, param))
-        if self.kind == "adam":
+        if self._fusable(dtype):
+            self._fused_adam(grads)
+        elif self.kind == "adam":
             self._adam(grads, active, dtype)
         else:
             self._sgd(grads, active, dtype)
@@ -135,6 +163,37 @@ class StackedOptimizer:
             exp_avg_sq.lerp_(grad * grad, _per_member(w2, param))
             denom = (exp_avg_sq.sqrt() / _per_member(correction2, param)).add_(self.eps)
             param.sub_(exp_avg.div(denom).mul_(_per_member(step_size, param)))
+
+    def _fusable(self, dtype: torch.dtype) -> bool:
+        return (
+            self.fused
+            and self.kind == "adam"
+            and dtype in (torch.float32, torch.float64)
+            and all(self._active_host)
+            and len(set(self._lr_host)) == 1
+        )
+
+    def _fused_adam(self, grads: list[Tensor]) -> None:
+        """Every row trains, one learning rate: all members are at the same step (they started
+        together and none is frozen), so one fused kernel call updates the whole stacks."""
+        beta1, beta2 = self.betas
+        self.steps += 1.0
+        step = self.steps[:1].to(torch.float32).reshape(())
+        torch._fused_adam_(
+            self.params,
+            [g.contiguous() for g in grads],
+            [slots[0] for slots in self.state],
+            [slots[1] for slots in self.state],
+            [],
+            [step] * len(self.params),
+            lr=self._lr_host[0],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=0.0,
+            eps=self.eps,
+            amsgrad=False,
+            maximize=False,
+        )
 
     def _sgd(self, grads: list[Tensor], active: Tensor, dtype: torch.dtype) -> None:
         keep = torch.where(active > 0, self.momentum, torch.ones_like(self.momentum)).to(dtype)

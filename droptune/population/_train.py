@@ -321,9 +321,8 @@ class _Run:
             self.max_norm = self.max_norm.index_select(0, index)
 
     def freeze(self) -> None:
-        mask = self._mask()
-        self.net.set_active(mask)
-        self.optimizer.set_active(mask)
+        self.net.set_active(self._mask())
+        self.optimizer.set_active(self.active)
 
 
 def train_population(
@@ -377,6 +376,8 @@ def train_population(
     first = configs[0]
     if first.train.num_threads:
         torch.set_num_threads(first.train.num_threads)
+    if first.train.matmul_precision is not None:
+        torch.set_float32_matmul_precision(first.train.matmul_precision)
     target = _device(first, device)
     data = datamodule if datamodule is not None else first.build_datamodule()
     if not isinstance(data, TensorDataModule):

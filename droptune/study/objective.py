@@ -15,6 +15,7 @@ import optuna
 import pytorch_lightning as pl
 import torch
 
+from droptune.storage import set_user_attrs
 from droptune.study.space import suggest
 
 
@@ -23,7 +24,14 @@ if TYPE_CHECKING:
     from droptune.study.spec import StudySpec
     from droptune.tracking import StudyTracking
 
-__all__ = ["GAP_METRIC", "Objective", "PruningCallback", "TrialFailed", "trial_seed"]
+__all__ = [
+    "GAP_METRIC",
+    "Objective",
+    "PruningCallback",
+    "TrialFailed",
+    "result_attrs",
+    "trial_seed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +77,14 @@ class PruningCallback(pl.Callback):
 
 #: The worker's resident memory (MiB) when the trial ended.
 RSS_ATTR = "droptune.rss_mb"
+
+
+def result_attrs(epochs: int, stopped_early: bool, final: dict[str, float]) -> dict[str, Any]:
+    """A finished fit's user attributes: epochs trained, whether early stopping ended it, and
+    ``metric.<name>`` for each finite final metric."""
+    attrs: dict[str, Any] = {"droptune.epochs": epochs, "droptune.stopped_early": stopped_early}
+    attrs.update({f"metric.{k}": v for k, v in final.items() if math.isfinite(v)})
+    return attrs
 
 
 def _rss_mb() -> float | None:
@@ -213,18 +229,26 @@ class Objective:
         values: Any,
         history: list[dict[str, float]],
         config: TrainConfig | None,
+        attrs: dict[str, Any] | None = None,
     ) -> None:
-        """Per-epoch history and the worker's memory on the trial; the trial's MLflow run
-        completed with its state while the trial is still RUNNING (Optuna refuses attributes on
-        finished trials)."""
+        """Per-epoch history and the worker's memory on the trial, with ``attrs`` (the trial's
+        results) in the same transaction; the trial's MLflow run completed with its state while
+        the trial is still RUNNING (Optuna refuses attributes on finished trials).
+
+        History and memory are best effort; a failure to write ``attrs`` raises."""
         from droptune.tracking._study import HISTORY_ATTR
 
-        rows = [{k: round(v, 7) for k, v in row.items()} for row in history]
-        with contextlib.suppress(Exception):
-            trial.set_user_attr(HISTORY_ATTR, rows)
-            rss = _rss_mb()
-            if rss is not None:  # the worker's memory after each trial: leaks show up here
-                trial.set_user_attr(RSS_ATTR, rss)
+        record: dict[str, Any] = {
+            HISTORY_ATTR: [{k: round(v, 7) for k, v in row.items()} for row in history]
+        }
+        rss = _rss_mb()
+        if rss is not None:  # the worker's memory after each trial: leaks show up here
+            record[RSS_ATTR] = rss
+        if attrs:
+            set_user_attrs(trial, {**attrs, **record})
+        else:
+            with contextlib.suppress(Exception):
+                set_user_attrs(trial, record)
         if self.tracking is not None:
             self.tracking.trial_ended(
                 trial, state, values, None if config is None else config.to_dict()
@@ -232,14 +256,16 @@ class Objective:
 
     def record_start(self, trial: optuna.Trial, cfg: TrainConfig) -> None:
         """Seed, worker, host and device on the trial; its MLflow run started."""
-        trial.set_user_attr("droptune.seed", cfg.train.seed)
-        trial.set_user_attr("droptune.worker", self.worker)
-        trial.set_user_attr("droptune.host", socket.gethostname())
-        trial.set_user_attr(
-            "droptune.device",
-            os.environ.get("CUDA_VISIBLE_DEVICES", "cpu")
-            if cfg.train.accelerator != "cpu"
-            else "cpu",
+        set_user_attrs(
+            trial,
+            {
+                "droptune.seed": cfg.train.seed,
+                "droptune.worker": self.worker,
+                "droptune.host": socket.gethostname(),
+                "droptune.device": os.environ.get("CUDA_VISIBLE_DEVICES", "cpu")
+                if cfg.train.accelerator != "cpu"
+                else "cpu",
+            },
         )
         if self.tracking is not None:
             self.tracking.trial_started(trial.study, trial)
@@ -257,14 +283,10 @@ class Objective:
         if len(objectives) == 1 and self.spec.pruner.name != "none":
             callbacks.append(PruningCallback(trial, objectives[0]))
         result = self._fit_oom_safe(trial, cfg, callbacks)
-        trial.set_user_attr("droptune.epochs", result.epochs)
-        trial.set_user_attr("droptune.stopped_early", result.stopped_early)
         final = dict(result.metrics)
         if "val_loss" in final and "train_loss" in final:
             final[GAP_METRIC] = final["val_loss"] - final["train_loss"]
-        for key, value in final.items():
-            if math.isfinite(value):
-                trial.set_user_attr(f"metric.{key}", value)
+        set_user_attrs(trial, result_attrs(result.epochs, result.stopped_early, final))
         if len(objectives) == 1:
             value = self._best(objectives[0], directions[0], history.rows, final)
             return value

@@ -29,9 +29,11 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
+from droptune.storage import set_user_attrs
 from droptune.study.objective import GAP_METRIC
 from droptune.study.objective import Objective
 from droptune.study.objective import TrialFailed
+from droptune.study.objective import result_attrs
 
 
 if TYPE_CHECKING:
@@ -87,7 +89,7 @@ def population_round(
     slots: list[int],
     bind: Callable[[int, optuna.Trial], None],
     check_stop: Callable[[], None],
-) -> list[optuna.trial.FrozenTrial]:
+) -> list[int]:
     """Ask one trial per slot, train them (as populations where possible), tell them.
 
     Args:
@@ -98,14 +100,10 @@ def population_round(
         check_stop: Raises when a signal asked the worker to stop; called every epoch.
 
     Returns:
-        The round's trials as stored after ``tell``.
+        The numbers of the round's trials.
     """
     members: list[Member] = []
-    for slot in slots:
-        with warnings.catch_warnings():
-            # Optuna's heartbeat thread only runs in optimize(); this round beats itself.
-            warnings.filterwarnings("ignore", message=".*Heartbeat of storage.*")
-            trial = study.ask()
+    for slot, trial in zip(slots, _ask(study, len(slots)), strict=True):
         bind(slot, trial)
         try:
             config, _ = objective.config_for(trial)
@@ -124,7 +122,32 @@ def population_round(
             if study._storage.get_trial(member.trial._trial_id).state == TrialState.RUNNING:
                 _fail(objective, member.trial, exc, member.config)
         raise
-    return [study._storage.get_trial(m.trial._trial_id) for m in members]
+    return [member.trial.number for member in members]
+
+
+def _ask(study: optuna.Study, count: int) -> Iterator[optuna.Trial]:
+    """``study.ask()`` ``count`` times, looking for waiting trials (enqueued, or re-queued
+    after a worker died) only until none is left.
+
+    Each of Optuna's ``ask`` calls re-reads every unfinished trial of the study to find waiting
+    ones; inside a round, that is the round's own running trials, so P asks cost O(P²) reads.
+    A trial made waiting by another worker meanwhile is picked up by the next round."""
+    pop = getattr(study, "_pop_waiting_trial_id", None)
+    local = getattr(study, "_thread_local", None)
+    if pop is None or local is None:  # an Optuna without these internals: plain ``ask``
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Heartbeat of storage.*")
+            for _ in range(count):
+                yield study.ask()
+        return
+    waiting = True
+    for _ in range(count):
+        local.cached_all_trials = None  # as ``ask`` does: samplers see the latest trials
+        trial_id = pop() if waiting else None
+        if trial_id is None:
+            waiting = False
+            trial_id = study._storage.create_new_trial(study._study_id)
+        yield optuna.Trial(study, trial_id)
 
 
 def _groups(members: list[Member]) -> list[list[Member]]:
@@ -194,7 +217,10 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
 
     try:
         results = train_population(
-            [m.config for m in group], on_epoch=on_epoch, datamodule=_data(objective, group)
+            [m.config for m in group],
+            on_epoch=on_epoch,
+            datamodule=_data(objective, group),
+            init=spec.execution.population_init,
         )
     except BaseException as exc:
         for member in group:
@@ -205,14 +231,10 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
         final = dict(result.metrics)
         if "val_loss" in final and "train_loss" in final:
             final[GAP_METRIC] = final["val_loss"] - final["train_loss"]
-        trial.set_user_attr("droptune.epochs", result.epochs)
-        trial.set_user_attr("droptune.stopped_early", result.stopped_early)
-        trial.set_user_attr("droptune.population", len(group))
-        for key, value in final.items():
-            if math.isfinite(value):
-                trial.set_user_attr(f"metric.{key}", value)
+        attrs = result_attrs(result.epochs, result.stopped_early, final)
+        attrs["droptune.population"] = len(group)
         if result.pruned:
-            objective.record_end(trial, "PRUNED", None, history, member.config)
+            objective.record_end(trial, "PRUNED", None, history, member.config, attrs)
             trial.study.tell(trial, state=TrialState.PRUNED)
             continue
         try:
@@ -225,9 +247,10 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
             else:
                 values = [Objective._final(m, final) for m in metrics]
         except TrialFailed as exc:
+            set_user_attrs(trial, attrs)
             _fail(objective, trial, exc, member.config, history)
             continue
-        objective.record_end(trial, "COMPLETE", values, history, member.config)
+        objective.record_end(trial, "COMPLETE", values, history, member.config, attrs)
         trial.study.tell(trial, values)
 
 

@@ -116,10 +116,19 @@ class Slots:
                 )
             )
 
-    @_riding_outages
     def claim(self, owner: str) -> int | None:
         """Atomically take a free slot; None when every slot is taken."""
+        taken = self.claim_many(owner, 1)
+        return taken[0] if taken else None
+
+    @_riding_outages
+    def claim_many(self, owner: str, count: int) -> list[int]:
+        """Atomically take up to ``count`` free slots (fewer when fewer are free), reading the
+        table once: a population round claims P slots."""
+        taken: list[int] = []
         for row in self.rows():
+            if len(taken) >= count:
+                break
             if row.owner is not None:
                 continue
             with self.engine.begin() as conn:
@@ -133,8 +142,8 @@ class Slots:
                     .values(owner=owner, trial_number=None, claimed_at=time.time())
                 )
             if result.rowcount == 1:
-                return int(row.slot)
-        return None
+                taken.append(int(row.slot))
+        return taken
 
     @_riding_outages
     def bind(self, slot: int, owner: str, trial_number: int) -> None:

@@ -205,8 +205,8 @@ def run_worker(
             slots.reclaim(states, stale_after=execution.grace_period)
             if deadline is not None and time.time() >= deadline:
                 break
-            slot = slots.claim(owner)
-            if slot is None:
+            claimed = slots.claim_many(owner, size)
+            if not claimed:
                 if slots.finished(states):
                     break
                 # Other workers hold the remaining slots: reap stale trials and wait, so that a
@@ -218,12 +218,7 @@ def run_worker(
                 time.sleep(poll_interval)
                 continue
 
-            claimed = [slot]
-            while len(claimed) < size:
-                more = slots.claim(owner)
-                if more is None:
-                    break
-                claimed.append(more)
+            slot = claimed[0]
             if size > 1:
                 try:
                     population_round(
@@ -248,8 +243,9 @@ def run_worker(
                     report.interrupted = True
             if stop.requested:
                 report.interrupted = True
+            bound = _bound_trials(study, slots, claimed)
             for held in claimed:
-                trial = _bound_trial(study, slots, held, owner)
+                trial = bound.get(held)
                 state = trial.state.name if trial is not None else "FAIL"
                 report.states[state] = report.states.get(state, 0) + 1
                 if state == "FAIL" or trial is None:
@@ -295,11 +291,19 @@ def _close_runs(tracking: StudyTracking, study: optuna.Study) -> None:
         log.debug("could not close ended MLflow runs: %s", exc)
 
 
-def _bound_trial(
-    study: optuna.Study, slots: Slots, slot: int, owner: str
-) -> optuna.trial.FrozenTrial | None:
-    row = next((r for r in slots.rows() if r.slot == slot), None)
-    if row is None or row.trial_number is None:
-        return None
-    trials = study.get_trials(deepcopy=False)
-    return next((t for t in trials if t.number == row.trial_number), None)
+def _bound_trials(
+    study: optuna.Study, slots: Slots, held: list[int]
+) -> dict[int, optuna.trial.FrozenTrial]:
+    """The trial each of the ``held`` slots is bound to (slots never bound are left out), from
+    one read of the slots and one of the trials."""
+    mine = set(held)
+    numbers = {r.slot: r.trial_number for r in slots.rows() if r.slot in mine}
+    wanted = {n for n in numbers.values() if n is not None}
+    if not wanted:
+        return {}
+    trials = {t.number: t for t in study.get_trials(deepcopy=False) if t.number in wanted}
+    return {
+        slot: trials[number]
+        for slot, number in numbers.items()
+        if number is not None and number in trials
+    }

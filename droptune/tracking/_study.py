@@ -9,6 +9,7 @@ database; the winner creates the run and records its id (also as the study's use
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import time
@@ -297,7 +298,14 @@ class StudyTracking:
             if trial.user_attrs.get(ERROR_ATTR):
                 return
             study = trial.study
-            frozen = study._storage.get_trial(trial._trial_id)
+            # the trial's own up-to-date copy (Optuna keeps it current on every write through
+            # the trial), else the stored one
+            cached = getattr(trial, "_cached_frozen_trial", None)
+            frozen = (
+                copy.deepcopy(cached)
+                if cached is not None
+                else study._storage.get_trial(trial._trial_id)
+            )
             frozen.state = TrialState[state]
             if state == "COMPLETE" and values is not None:
                 frozen.values = list(values) if isinstance(values, list) else [float(values)]

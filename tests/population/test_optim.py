@@ -75,10 +75,19 @@ def test_decoupled_l2_shrinks_each_member_by_its_own_factor_exactly() -> None:
         ({"kind": "sgd", "decoupled": f64([1e-2, 0.0, 0.3])}, "sgd+decoupled"),
     ],
 )
-def test_each_member_follows_torchs_optimizer(hyper: dict[str, Any], reference: str) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["elementwise", "fused"])
+def test_each_member_follows_torchs_optimizer(
+    hyper: dict[str, Any], reference: str, fused: bool
+) -> None:
+    """Per-member hyperparameters take the element-wise path; with one learning rate for all
+    members Adam's update is the fused kernel (SGD has none), and each member still follows
+    torch's own optimizer with its own L2 strength and clipping norm."""
     params = stacked()
     singles = [[p.detach()[i].clone().requires_grad_() for p in params] for i in range(P)]
+    if fused:
+        hyper = {**hyper, "lr": f64([2e-2] * P), "fused": True}
     opt = optimizer(params, **hyper)
+    assert opt._fusable(torch.float32) == (fused and opt.kind == "adam")
     lr = opt.lr.tolist()
     momentum = opt.momentum.tolist()
     decoupled = opt.decoupled.tolist()
@@ -181,3 +190,31 @@ def test_max_norm_is_torch_renorm_per_member() -> None:
             expected = torch.renorm(original[i], p=2, dim=0, maxnorm=limit)
             torch.testing.assert_close(projected[i], expected)
             assert float(projected[i].flatten(1).norm(dim=1).max()) <= limit + 1e-5
+
+
+def test_fused_and_elementwise_paths_agree_through_freezing_and_compaction() -> None:
+    """A frozen row sends the step to the element-wise path; once compacted away, the fused
+    kernel takes over again with every remaining member at its own (equal) step count."""
+    runs = []
+    for fused in (True, False):
+        params = stacked()
+        opt = optimizer(params, lr=f64([1e-2] * P), decoupled=f64([1e-2, 0.1, 0.0]), fused=fused)
+        paths = []
+        for step in range(9):
+            if step == 3:
+                opt.set_active([True, False, True])
+            if step == 6:
+                index = torch.tensor([0, 2])
+                params = [p.detach().index_select(0, index).requires_grad_() for p in params]
+                opt.keep(index, params)
+            paths.append(opt._fusable(torch.float32))
+            random_grads(params, step)
+            opt.step()
+            opt.zero_grad()
+        runs.append((params, opt.steps.clone(), paths))
+    (fused_params, fused_steps, fused_paths), (plain_params, plain_steps, plain_paths) = runs
+    assert fused_paths == [True] * 3 + [False] * 3 + [True] * 3
+    assert not any(plain_paths)
+    assert torch.equal(fused_steps, plain_steps) and fused_steps.tolist() == [9.0, 9.0]
+    for a, b in zip(fused_params, plain_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

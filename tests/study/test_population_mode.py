@@ -43,6 +43,7 @@ def test_run_with_population_trains_members_together_and_tracks_each(
         train={"max_epochs": 4},
         search=ONE_KIND,
         tracking=tracking,
+        execution={"population_init": "fast"},
         n_trials=n,
     )
     result = procs.run("run", str(path), "--population", "4", "--workers", "1")
@@ -64,6 +65,30 @@ def test_run_with_population_trains_members_together_and_tracks_each(
             assert trial.intermediate_values  # reported every epoch, pruned on its own
         assert "droptune.seed" in trial.user_attrs
     assert_runs_match_trials(tracking["uri"], name, trial_list)
+
+
+def test_population_rounds_take_enqueued_trials_first(
+    procs: Procs, write_spec: SpecWriter, sqlite_url: str
+) -> None:
+    import optuna
+
+    name = "population-enqueued"
+    path = write_spec(
+        study={"name": name}, train={"max_epochs": 2}, search=ONE_KIND, pruner={"name": "none"}
+    )
+    created = procs.run("run", str(path), "--workers", "0", "--n-trials", "6")
+    assert created.returncode == 0, created.stderr[-4000:]
+    study = optuna.load_study(study_name=name, storage=sqlite_url)
+    fixed = [{"regularization.dropout.hidden_rate": r} for r in (0.125, 0.375)]
+    for params in fixed:
+        study.enqueue_trial({**params, "regularization.l2.strength": 1e-4})
+    result = procs.run("run", str(path), "--population", "4", "--n-trials", "6")
+    assert result.returncode == 0, result.stderr[-4000:]
+    trial_list = trials(sqlite_url, name)
+    assert counts(trial_list) == {"COMPLETE": 6}
+    rates = [t.params["regularization.dropout.hidden_rate"] for t in trial_list]
+    assert rates[:2] == [0.125, 0.375], rates  # the waiting trials ran, in the first round
+    assert trial_list[0].user_attrs["droptune.population"] == 4
 
 
 def test_population_falls_back_to_one_trial_at_a_time_and_says_why(
