@@ -36,8 +36,10 @@ __all__ = [
     "mask_text",
     "mask_url",
     "open_storage",
+    "prepare_sqlite",
     "retry_outage",
     "set_user_attrs",
+    "trial_states",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,9 @@ def default_url(study_name: str, root: Path = Path("runs")) -> str:
     return f"sqlite:///{root / study_name / 'droptune.db'}"
 
 
-def _prepare_sqlite(url: str) -> None:
+def prepare_sqlite(url: str) -> None:
+    """Create the folder of an SQLite database and switch the file to WAL journaling (readers
+    never block the writer; the mode persists in the file)."""
     from sqlalchemy.engine import make_url
 
     database = make_url(url).database
@@ -147,7 +151,7 @@ def open_storage(
     check_url(url)
     if url.startswith("sqlite"):
         try:
-            _prepare_sqlite(url)
+            prepare_sqlite(url)
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"storage {mask_url(url)!r} cannot be opened: {exc}") from None
     callback = None
@@ -367,3 +371,33 @@ def creation_race(exc: BaseException) -> bool:
     """Whether ``exc`` is another process winning a race to create the same table or row."""
     text = str(exc).lower()
     return any(marker in text for marker in _RACE_MARKERS)
+
+
+def trial_states(study: Any) -> dict[int, str]:
+    """``{trial number: state name}`` for every trial of ``study``.
+
+    On an RDB storage this is one narrow query (number and state only). Optuna's
+    ``get_trials`` re-reads every unfinished trial with all its params and attributes on each
+    call, which costs seconds per call once hundreds of population trials are running, and
+    workers and the runner poll the states all the time."""
+    import optuna
+
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    if not isinstance(backend, optuna.storages.RDBStorage):
+        return {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+
+    def query() -> dict[int, str]:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        model = models.TrialModel
+        with _create_scoped_session(backend.scoped_session) as session:
+            rows = (
+                session.query(model.number, model.state)
+                .filter(model.study_id == study._study_id)
+                .all()
+            )
+        return {int(number): state.name for number, state in rows}
+
+    return retry_outage(query, "trial_states")

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from droptune.config import TrainConfig
     from droptune.study.spec import StudySpec
     from droptune.tracking import StudyTracking
+    from droptune.tracking._writer import TrackingWriter
 
 __all__ = [
     "GAP_METRIC",
@@ -191,6 +192,23 @@ class Objective:
         self.on_trial_start: list[Any] = []
         #: Population rounds: (data config key, datamodule) built once per worker.
         self.population_data: tuple[str, Any] | None = None
+        self._writer: TrackingWriter | None = None
+
+    def tracking_writer(self) -> TrackingWriter | None:
+        """The worker's background MLflow writer (population rounds), None without tracking."""
+        if self.tracking is None or not self.tracking.enabled:
+            return None
+        if self._writer is None:
+            from droptune.tracking._writer import TrackingWriter
+
+            self._writer = TrackingWriter()
+        return self._writer
+
+    def close(self) -> None:
+        """Write what the background writer still holds, then stop it."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def config_for(self, trial: optuna.Trial) -> tuple[TrainConfig, dict[str, Any]]:
         params = suggest(trial, self.spec, self.base)
@@ -230,12 +248,15 @@ class Objective:
         history: list[dict[str, float]],
         config: TrainConfig | None,
         attrs: dict[str, Any] | None = None,
+        track: bool = True,
     ) -> None:
         """Per-epoch history and the worker's memory on the trial, with ``attrs`` (the trial's
         results) in the same transaction; the trial's MLflow run completed with its state while
         the trial is still RUNNING (Optuna refuses attributes on finished trials).
 
-        History and memory are best effort; a failure to write ``attrs`` raises."""
+        History and memory are best effort; a failure to write ``attrs`` raises. With
+        ``track=False`` the MLflow run is left to the caller (a population round writes it in
+        the background once the trial is told)."""
         from droptune.tracking._study import HISTORY_ATTR
 
         record: dict[str, Any] = {
@@ -249,7 +270,7 @@ class Objective:
         else:
             with contextlib.suppress(Exception):
                 set_user_attrs(trial, record)
-        if self.tracking is not None:
+        if self.tracking is not None and track:
             self.tracking.trial_ended(
                 trial, state, values, None if config is None else config.to_dict()
             )

@@ -226,6 +226,9 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
         for member in group:
             _fail(objective, member.trial, exc, member.config)
         raise
+    writer = objective.tracking_writer()
+    if writer is not None:
+        writer.drain()  # the previous round's runs are written: at most one round behind
     for member, result in zip(group, results, strict=True):
         trial, history = member.trial, result.history
         final = dict(result.metrics)
@@ -234,8 +237,9 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
         attrs = result_attrs(result.epochs, result.stopped_early, final)
         attrs["droptune.population"] = len(group)
         if result.pruned:
-            objective.record_end(trial, "PRUNED", None, history, member.config, attrs)
+            objective.record_end(trial, "PRUNED", None, history, member.config, attrs, track=False)
             trial.study.tell(trial, state=TrialState.PRUNED)
+            _write_run(objective, trial, member.config)
             continue
         try:
             if result.timed_out:
@@ -250,8 +254,23 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
             set_user_attrs(trial, attrs)
             _fail(objective, trial, exc, member.config, history)
             continue
-        objective.record_end(trial, "COMPLETE", values, history, member.config, attrs)
+        objective.record_end(trial, "COMPLETE", values, history, member.config, attrs, track=False)
         trial.study.tell(trial, values)
+        _write_run(objective, trial, member.config)
+
+
+def _write_run(objective: Objective, trial: optuna.Trial, config: TrainConfig) -> None:
+    """Complete the told trial's MLflow run in the background (its params, tags, per-epoch
+    metrics and final status), while the worker goes on with the next round."""
+    writer, tracking = objective.tracking_writer(), objective.tracking
+    if writer is None or tracking is None:
+        return
+    study, trial_id, data = trial.study, trial._trial_id, config.to_dict()
+
+    def job() -> None:
+        tracking.trial_finished(study, study._storage.get_trial(trial_id), data)
+
+    writer.submit(job)
 
 
 def _data(objective: Objective, group: list[Member]) -> Any:

@@ -25,6 +25,7 @@ from droptune.exceptions import SpecError
 from droptune.storage import default_url
 from droptune.storage import mask_url
 from droptune.storage import open_storage
+from droptune.storage import trial_states
 from droptune.study.factories import make_pruner
 from droptune.study.factories import make_sampler
 from droptune.study.slots import Slots
@@ -149,8 +150,8 @@ def plan_workers(devices: str, workers: int | None, per_device: int) -> list[dic
 
 def counts_by_state(study: optuna.Study) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    for state in trial_states(study).values():
+        counts[state] = counts.get(state, 0) + 1
     return counts
 
 
@@ -280,7 +281,7 @@ def run_study(
     counts = counts_by_state(study)
     slots = Slots(url, name)
     try:
-        states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+        states = trial_states(study)
         finished = slots.finished(states)
     finally:
         slots.close()

@@ -29,6 +29,7 @@ import optuna
 import pytorch_lightning as pl
 
 from droptune.storage import open_storage
+from droptune.storage import trial_states
 from droptune.study.factories import make_pruner
 from droptune.study.factories import make_sampler
 from droptune.study.objective import Objective
@@ -117,10 +118,6 @@ class WorkerReport:
     gave_up: str | None = None
 
 
-def _states(study: optuna.Study) -> dict[int, str]:
-    return {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
-
-
 def run_worker(
     spec: StudySpec,
     storage_url: str,
@@ -201,7 +198,7 @@ def run_worker(
     consecutive_failures = 0
     try:
         while not stop.requested:
-            states = _states(study)
+            states = trial_states(study)
             slots.reclaim(states, stale_after=execution.grace_period)
             if deadline is not None and time.time() >= deadline:
                 break
@@ -243,20 +240,20 @@ def run_worker(
                     report.interrupted = True
             if stop.requested:
                 report.interrupted = True
-            bound = _bound_trials(study, slots, claimed)
+            bound = _bound_numbers(slots, claimed)
+            round_states = trial_states(study)
             for held in claimed:
-                trial = bound.get(held)
-                state = trial.state.name if trial is not None else "FAIL"
+                number = bound.get(held)
+                state = round_states.get(number, "FAIL") if number is not None else "FAIL"
                 report.states[state] = report.states.get(state, 0) + 1
-                if state == "FAIL" or trial is None:
+                if state == "FAIL":
                     slots.release(held, owner)
                     if report.interrupted:
                         continue  # the signal's doing, not the trial's
                     consecutive_failures += 1
                     last = (
-                        f"trial {trial.number}: "
-                        f"{trial.user_attrs.get('droptune.fail_reason', '?')}"
-                        if trial is not None
+                        f"trial {number}: {_fail_reason(study, number)}"
+                        if number is not None
                         else "a trial that was never asked"
                     )
                 else:
@@ -279,6 +276,7 @@ def run_worker(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         slots.close()
+        objective.close()  # the runs the background writer still holds
         if tracking is not None:
             _close_runs(tracking, study)
     return report
@@ -291,19 +289,21 @@ def _close_runs(tracking: StudyTracking, study: optuna.Study) -> None:
         log.debug("could not close ended MLflow runs: %s", exc)
 
 
-def _bound_trials(
-    study: optuna.Study, slots: Slots, held: list[int]
-) -> dict[int, optuna.trial.FrozenTrial]:
-    """The trial each of the ``held`` slots is bound to (slots never bound are left out), from
-    one read of the slots and one of the trials."""
+def _bound_numbers(slots: Slots, held: list[int]) -> dict[int, int]:
+    """The trial number each of the ``held`` slots is bound to (never-bound slots left out),
+    from one read of the slot table."""
     mine = set(held)
-    numbers = {r.slot: r.trial_number for r in slots.rows() if r.slot in mine}
-    wanted = {n for n in numbers.values() if n is not None}
-    if not wanted:
-        return {}
-    trials = {t.number: t for t in study.get_trials(deepcopy=False) if t.number in wanted}
     return {
-        slot: trials[number]
-        for slot, number in numbers.items()
-        if number is not None and number in trials
+        r.slot: int(r.trial_number)
+        for r in slots.rows()
+        if r.slot in mine and r.trial_number is not None
     }
+
+
+def _fail_reason(study: optuna.Study, number: int) -> str:
+    storage = study._storage
+    try:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+        return str(storage.get_trial(trial_id).user_attrs.get("droptune.fail_reason", "?"))
+    except Exception:  # the reason is for the message only
+        return "?"

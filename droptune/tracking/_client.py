@@ -13,14 +13,17 @@ Tracking never stops a trial: a failure is logged once per trial and recorded on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
+import sqlite3
 import time
 from typing import Any
 
 from droptune.exceptions import TrackingError
 from droptune.storage import mask_url
+from droptune.storage import prepare_sqlite
 
 
 __all__ = ["STATUS_BY_STATE", "Tracker", "default_tracking_uri", "flatten"]
@@ -97,6 +100,11 @@ class Tracker:
         self.artifact_root = artifact_root
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            # WAL, as for the study's own database: MLflow leaves SQLite in rollback-journal
+            # mode, where every writer locks out readers and the other workers' writers, which
+            # serialises packed and population workers on their tracking calls.
+            with contextlib.suppress(OSError, sqlite3.Error):
+                prepare_sqlite(uri)
         self.client = MlflowClient(tracking_uri=uri)
         self._experiment_id: str | None = None
 

@@ -327,6 +327,7 @@ class StudyTracking:
         ``droptune_meta`` when the trial itself no longer takes attributes."""
         if not self.enabled:
             return
+        self._spent.pop(frozen.number, None)
         try:
             self.log_trial(study, frozen, config)
         except Exception as exc:

@@ -110,6 +110,7 @@ def test_cli_population_run_on_cuda(tmp_path: Path) -> None:
         "regularization": {"dropout": {"kind": "standard", "hidden_rate": 0.2}},
         "search": {"regularization.dropout.hidden_rate": {"low": 0.0, "high": 0.5}},
         "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
         "storage": storage,
         "tracking": {"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         "execution": {"population_init": "fast"},
