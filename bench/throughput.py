@@ -311,7 +311,9 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
         "| GPU util |",
         "|---|---:|---:|---:|---:|---|---:|",
     ]
-    for mode, row in sorted(rows.items()):
+    # by letter, then in the order the modes ran (P and workers ascending)
+    ordered = sorted(enumerate(rows.items()), key=lambda item: (item[1][0][:3], item[0]))
+    for _, (mode, row) in ordered:
         rate = 60 * row["trials"] / row["busy"]
         total = 60 * row["trials"] / row["wall"]
         acc = row["acc"]
