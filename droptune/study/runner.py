@@ -7,6 +7,7 @@ takes the others down, and the same command joins a study from another machine.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 import logging
 import os
@@ -149,10 +150,7 @@ def plan_workers(devices: str, workers: int | None, per_device: int) -> list[dic
 
 
 def counts_by_state(study: optuna.Study) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for state in trial_states(study).values():
-        counts[state] = counts.get(state, 0) + 1
-    return counts
+    return dict(Counter(trial_states(study).values()))
 
 
 def reap_trials(

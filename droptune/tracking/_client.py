@@ -99,11 +99,10 @@ class Tracker:
         self.experiment_name = experiment or study_name
         self.artifact_root = artifact_root
         if uri.startswith("sqlite:///"):
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            # WAL, as for the study's own database: MLflow leaves SQLite in rollback-journal
-            # mode, where every writer locks out readers and the other workers' writers, which
-            # serialises packed and population workers on their tracking calls.
-            with contextlib.suppress(OSError, sqlite3.Error):
+            # The folder, and WAL as for the study's own database: MLflow leaves SQLite in
+            # rollback-journal mode, where every writer locks out readers and the other
+            # workers' writers, which serialises packed and population workers on tracking.
+            with contextlib.suppress(sqlite3.Error):
                 prepare_sqlite(uri)
         self.client = MlflowClient(tracking_uri=uri)
         self._experiment_id: str | None = None
