@@ -306,6 +306,8 @@ def _port_open(port: int) -> bool:
 
 def test_droptune_ui_lists_the_study_and_trial_runs_in_headless_chromium(tracked: Tracked) -> None:
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.support.ui import WebDriverWait
@@ -340,17 +342,21 @@ def test_droptune_ui_lists_the_study_and_trial_runs_in_headless_chromium(tracked
         driver.get(url)
         names = [NAME, *(f"trial-{n}" for n in range(N))]
 
-        expanded: list[bool] = []
-
         def listed(d: Any) -> bool:
             text = d.find_element("tag name", "body").text
-            if NAME in text and "trial-0" not in text and not expanded:
-                expanded.append(_expand_children(d))
+            if NAME in text and "trial-0" not in text and _expand_children(d):
                 text = d.find_element("tag name", "body").text
             return all(name in text for name in names)
 
         try:
-            WebDriverWait(driver, 90, poll_frequency=1).until(listed)
+            # The table re-renders while it loads: an element found a moment ago may be gone.
+            wait = WebDriverWait(
+                driver, 90, poll_frequency=1, ignored_exceptions=[StaleElementReferenceException]
+            )
+            wait.until(listed)
+        except TimeoutException:
+            body = driver.find_element("tag name", "body").text
+            pytest.fail(f"the runs table never listed {names}; the page shows:\n{body[-3000:]}")
         finally:
             driver.save_screenshot(str(screenshot))
         body = driver.find_element("tag name", "body").text
@@ -366,9 +372,15 @@ def test_droptune_ui_lists_the_study_and_trial_runs_in_headless_chromium(tracked
 
 
 def _expand_children(driver: Any) -> bool:
-    """Click the parent run's expander: the runs table shows nested runs collapsed, behind a
-    button in the parent's Run Name cell."""
-    buttons = driver.find_elements("css selector", ".ag-row [col-id*='Run Name'] button")
-    for button in buttons:
-        button.click()
-    return bool(buttons)
+    """Click the parent run's expander while it shows "+": the runs table lists nested runs
+    collapsed, behind a button in the parent's Run Name cell that renders after the row itself
+    (so a first look may find none). Clicking toggles, so a parent already showing "-" is left
+    alone: the "+" glyph (the icon's first SVG path) draws a vertical stroke ("V"), "-" does
+    not. True when it clicked."""
+    clicked = False
+    for button in driver.find_elements("css selector", ".ag-row [col-id*='Run Name'] button"):
+        glyph = button.find_element("css selector", "path").get_attribute("d") or ""
+        if "V" in glyph:
+            button.click()
+            clicked = True
+    return clicked
