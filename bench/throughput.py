@@ -21,10 +21,12 @@ matrix products) and the population modes with ``execution.population_init: fast
 
 Workloads: ``--scale reference`` is the issue's study (synthetic teacher task 50,000 x 784,
 10 classes, MLP 784-1024-1024-10, input + hidden dropout, AdamW decay, 5 epochs, batch 256; for
-a GPU); ``--scale cpu`` (default) shrinks it to finish in a few minutes on two cores.
+a GPU); ``--scale cpu`` (default) shrinks it to finish in a few minutes on two cores;
+``--scale tiny`` trains next to nothing, so what it measures is droptune's per-trial bookkeeping
+(with ``--pruner median``, pruning's too): a CPU proxy for the population modes on a GPU.
 
-Run: python bench/throughput.py [--scale cpu|reference] [--populations 8,32] [--packed 2]
-     [--pop-workers 1] [--trials N] [--device cpu|gpu] [--out DIR]
+Run: python bench/throughput.py [--scale cpu|tiny|reference] [--populations 8,32] [--packed 2]
+     [--pop-workers 1] [--pruner none|median] [--trials N] [--device cpu|gpu] [--out DIR]
 """
 
 from __future__ import annotations
@@ -56,6 +58,16 @@ SCALES: dict[str, dict[str, Any]] = {
         "batch_size": 64,
         "trials": {"naive": 6, "run": 8, "packed": 8, "population": 96},
     },
+    "tiny": {
+        # Training next to nothing: what is left is droptune's per-trial bookkeeping (asks,
+        # tells, reports, pruning, tracking), the part a GPU does not speed up. A CPU proxy for
+        # the population modes on a GPU.
+        "data": {"n_samples": 2000, "n_features": 16, "n_classes": 4, "teacher_hidden": 16},
+        "hidden": [16],
+        "max_epochs": 3,
+        "batch_size": 512,
+        "trials": {"naive": 6, "run": 8, "packed": 8, "population": 256},
+    },
     "reference": {
         "data": {"n_samples": 62500, "n_features": 784, "n_classes": 10, "teacher_hidden": 256},
         "hidden": [1024, 1024],
@@ -66,9 +78,12 @@ SCALES: dict[str, dict[str, Any]] = {
 }
 
 
-def make_spec(scale: str, name: str, n_trials: int, device: str, tmp: Path) -> dict[str, Any]:
+def make_spec(
+    scale: str, name: str, n_trials: int, device: str, tmp: Path, pruner: str = "none"
+) -> dict[str, Any]:
     """The study spec shared by every droptune mode (and mirrored by the naive baseline)."""
     s = SCALES[scale]
+    pruning = {"name": "median", "n_startup_trials": 8, "n_warmup_steps": 1}
     return {
         "study": {"name": name, "metric": "val_acc", "direction": "maximize", "seed": 0},
         "data": {
@@ -99,7 +114,7 @@ def make_spec(scale: str, name: str, n_trials: int, device: str, tmp: Path) -> d
             "regularization.l2.strength": {"low": 1.0e-6, "high": 1.0e-2, "log": True},
         },
         "sampler": {"name": "random", "seed": 0},
-        "pruner": {"name": "none"},
+        "pruner": pruning if pruner == "median" else {"name": "none"},
         "storage": f"sqlite:///{tmp / name / 'droptune.db'}",
         "tracking": {"enabled": True, "uri": f"sqlite:///{tmp / name / 'mlflow.db'}"},
         "execution": {
@@ -193,12 +208,18 @@ def naive(scale: str, n_trials: int, device: str) -> dict[str, Any]:
 
 
 def droptune_mode(
-    scale: str, name: str, n_trials: int, device: str, tmp: Path, args: list[str]
+    scale: str,
+    name: str,
+    n_trials: int,
+    device: str,
+    tmp: Path,
+    args: list[str],
+    pruner: str = "none",
 ) -> dict[str, Any]:
     """(b)-(d): ``droptune run`` in a subprocess, timed end to end."""
     import optuna
 
-    spec = make_spec(scale, name, n_trials, device, tmp)
+    spec = make_spec(scale, name, n_trials, device, tmp, pruner)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     cmd = [sys.executable, "-m", "droptune.cli", "run", str(path), *args]
@@ -208,7 +229,7 @@ def droptune_mode(
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     study = optuna.load_study(study_name=name, storage=spec["storage"])
-    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     acc = [float(t.value) for t in done if t.value is not None]
     tracking = [float(t.user_attrs.get("droptune.tracking_seconds", 0.0)) for t in done]
     first = min(t.datetime_start for t in done if t.datetime_start)
@@ -344,6 +365,13 @@ def main() -> None:
         "--pure", type=int, default=0, help="also time train_population alone at this P"
     )
     parser.add_argument("--trials", type=int, default=None, help="override every trial count")
+    parser.add_argument(
+        "--pruner",
+        choices=["none", "median"],
+        default="none",
+        help="median: the droptune modes prune (to measure pruning's bookkeeping; the naive "
+        "baseline does not prune, so ratios to it are no longer like for like)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write results.json here")
     args = parser.parse_args()
     counts = dict(SCALES[args.scale]["trials"])
@@ -388,7 +416,7 @@ def main() -> None:
                 elif name == "pure":
                     row = pure(args.scale, n, args.device)
                 else:
-                    row = droptune_mode(args.scale, name, n, args.device, tmp, cli)
+                    row = droptune_mode(args.scale, name, n, args.device, tmp, cli, args.pruner)
             row["gpu_util"] = sampler.mean
             rows[label] = row
             rate = 60 * row["trials"] / row["busy"]

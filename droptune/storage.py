@@ -37,6 +37,7 @@ __all__ = [
     "mask_url",
     "open_storage",
     "prepare_sqlite",
+    "report_values",
     "retry_outage",
     "set_user_attrs",
     "trial_states",
@@ -298,12 +299,20 @@ def _storage_class() -> Any:
         def set_trial_user_attrs(self: Any, trial_id: int, attrs: dict[str, Any]) -> None:
             retry_outage(lambda: _write_user_attrs(self, trial_id, attrs), "set_trial_user_attrs")
 
+        def set_trials_intermediate_values(
+            self: Any, values: list[tuple[int, int, float]]
+        ) -> None:
+            retry_outage(
+                lambda: _write_intermediate_values(self, values), "set_trials_intermediate_values"
+            )
+
         _STORAGE_CLASS = type(
             "RetryingRDBStorage",
             (optuna.storages.RDBStorage,),
             {
                 **{name: retried(name) for name in _RETRIED},
                 "set_trial_user_attrs": set_trial_user_attrs,
+                "set_trials_intermediate_values": set_trials_intermediate_values,
             },
         )
     return _STORAGE_CLASS
@@ -361,6 +370,95 @@ def set_user_attrs(trial: Any, attrs: dict[str, Any]) -> None:
     cached = getattr(trial, "_cached_frozen_trial", None)  # what ``trial.user_attrs`` reads
     if cached is not None:
         cached.user_attrs.update(attrs)
+
+
+def _write_intermediate_values(storage: Any, values: list[tuple[int, int, float]]) -> None:
+    """``(trial_id, step, value)`` intermediate values of several trials in one transaction:
+    one multi-row upsert on SQLite and PostgreSQL, Optuna's per-value write inside the same
+    transaction elsewhere. Every trial must still be updatable, as for
+    ``set_trial_intermediate_value``; if one is not, nothing is written."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    model = models.TrialIntermediateValueModel
+    ids = sorted({trial_id for trial_id, _, _ in values})
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        trials = models.TrialModel
+        states = dict(
+            session.query(trials.trial_id, trials.state).filter(trials.trial_id.in_(ids)).all()
+        )
+        for trial_id in ids:
+            if trial_id not in states:
+                raise KeyError(f"No trial with trial_id {trial_id} exists.")
+            storage.check_trial_is_updatable(trial_id, states[trial_id])
+        dialect = storage.engine.name
+        if dialect not in ("sqlite", "postgresql"):
+            for trial_id, step, value in values:
+                storage._set_trial_intermediate_value_without_commit(
+                    session, trial_id, step, value
+                )
+            return
+        from sqlalchemy.dialects import postgresql
+        from sqlalchemy.dialects import sqlite
+
+        rows = []
+        for trial_id, step, value in values:
+            stored, kind = model.intermediate_value_to_stored_repr(value)
+            rows.append(
+                {
+                    "trial_id": trial_id,
+                    "step": step,
+                    "intermediate_value": stored,
+                    "intermediate_value_type": kind,
+                }
+            )
+        insert: Any = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        stmt = insert(model).values(rows)
+        session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[model.trial_id, model.step],
+                set_={
+                    "intermediate_value": stmt.excluded.intermediate_value,
+                    "intermediate_value_type": stmt.excluded.intermediate_value_type,
+                },
+            )
+        )
+
+
+def report_values(reports: list[tuple[Any, float, int]]) -> None:
+    """``trial.report(value, step)`` for every ``(trial, value, step)``, in one transaction
+    when the trials' storage is droptune's (a population reports P trials every epoch; each of
+    Optuna's writes is its own transaction).
+
+    As ``Trial.report``: ``value`` must convert to float and ``step`` to a non-negative int,
+    and a step a trial already reported is ignored. The trials must belong to one study."""
+    if not reports:
+        return
+    checked: list[tuple[Any, float, int]] = []
+    for trial, value, step in reports:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"report of trial {trial.number}: value must be a float, got {value!r}"
+            ) from None
+        if int(step) != step or step < 0:
+            raise ValueError(
+                f"report of trial {trial.number}: step must be an int >= 0, got {step!r}"
+            )
+        if int(step) in trial._cached_frozen_trial.intermediate_values:
+            continue  # Optuna keeps the first value reported for a step
+        checked.append((trial, number, int(step)))
+    storage = reports[0][0].study._storage
+    batch = getattr(getattr(storage, "_backend", storage), "set_trials_intermediate_values", None)
+    if batch is None:
+        for trial, value, step in checked:
+            trial.report(value, step)
+        return
+    if checked:
+        batch([(trial._trial_id, step, value) for trial, value, step in checked])
+    for trial, value, step in checked:  # what ``Trial.report`` caches and pruners read
+        trial._cached_frozen_trial.intermediate_values[step] = value
 
 
 _CREATE_ATTEMPTS = 5

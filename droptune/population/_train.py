@@ -14,6 +14,7 @@ come to the host once per epoch, after validation.
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Collection
 from collections.abc import Iterator
 from collections.abc import Sequence
 import contextlib
@@ -39,10 +40,12 @@ from droptune.population._optim import stacked_max_norm_
 from droptune.population._support import population_support
 
 
-__all__ = ["EarlyStopper", "MemberResult", "OnEpoch", "train_population"]
+__all__ = ["EarlyStopper", "MemberResult", "OnEpoch", "OnEpochs", "train_population"]
 
 #: ``on_epoch(member_index, epoch, metrics) -> prune?``
 OnEpoch = Callable[[int, int, dict[str, float]], bool]
+#: ``on_epochs(epoch, {member_index: metrics}) -> member indices to prune``
+OnEpochs = Callable[[int, dict[int, dict[str, float]]], Collection[int]]
 
 
 @dataclass
@@ -61,7 +64,8 @@ class MemberResult:
         epochs: Epochs trained, the pruned or stopping epoch included.
         stopped_early: Early stopping ended the member (patience used up or a non-finite
             monitored metric, as Lightning's ``EarlyStopping(check_finite=True)``).
-        pruned: ``on_epoch`` returned True for the member's last epoch.
+        pruned: ``on_epoch`` returned True for the member's last epoch (or ``on_epochs``
+            named it).
         diverged: The monitored metric became non-finite (the member stopped then, with or
             without early stopping configured).
         timed_out: The deadline passed while the member was still training.
@@ -330,6 +334,7 @@ def train_population(
     *,
     device: str | torch.device | None = None,
     on_epoch: OnEpoch | None = None,
+    on_epochs: OnEpochs | None = None,
     deadline: float | None = None,
     datamodule: TensorDataModule | None = None,
     compact: float = 1.0,
@@ -351,6 +356,10 @@ def train_population(
             once per member that trained in that epoch (also when early stopping just ended
             it), with the epoch's history row; True prunes the member. Metrics may be NaN for a
             member that diverged (it stops at that epoch).
+        on_epochs: ``on_epochs(epoch, {member_index: metrics}) -> members to prune``, called
+            once per epoch, after ``on_epoch``, with the rows of every member that trained in
+            it: one call where a caller wants to record or judge a whole epoch at once (one
+            database transaction for the whole population instead of one per member).
         deadline: A ``time.time()`` value; once passed, training stops (checked before every
             step; a partial epoch is dropped) and the members still training are
             ``timed_out``.
@@ -394,7 +403,7 @@ def train_population(
         with torch.random.fork_rng(devices=forked):
             torch.manual_seed(_mixed_seed(configs))
             run = _Run(configs, target, data, compact, init)
-            _loop(run, results, stoppers, on_epoch, deadline, started, return_weights)
+            _loop(run, results, stoppers, on_epoch, on_epochs, deadline, started, return_weights)
     finally:
         torch.use_deterministic_algorithms(previous)
     return results
@@ -405,6 +414,7 @@ def _loop(
     results: list[MemberResult],
     stoppers: list[EarlyStopper],
     on_epoch: OnEpoch | None,
+    on_epochs: OnEpochs | None,
     deadline: float | None,
     started: float,
     return_weights: bool,
@@ -422,6 +432,8 @@ def _loop(
         # the one host sync of the epoch
         table = torch.stack([train_loss, train_correct, val_loss, val_metric]).cpu().tolist()
         epoch_time = time.perf_counter() - epoch_start
+        trained_rows: dict[int, int] = {}  # member -> row
+        rows: dict[int, dict[str, float]] = {}
         for row, member in enumerate(run.rows):
             if not run.active[row]:
                 continue
@@ -442,16 +454,29 @@ def _loop(
             value = metrics[stopping.monitor]
             if _better(value, result.best, stopping.resolved_mode == "max"):
                 result.best = value
-            stop = stoppers[member].update(value)
-            result.stopped_early = stop
+            result.stopped_early = stoppers[member].update(value)
             result.diverged = not math.isfinite(value)
+            trained_rows[member] = row
+            rows[member] = metrics
+        for member, metrics in rows.items():
             if on_epoch is not None and on_epoch(member, epoch, dict(metrics)):
-                result.pruned = True
+                results[member].pruned = True
+        if on_epochs is not None and rows:
+            pruned = on_epochs(epoch, {member: dict(metrics) for member, metrics in rows.items()})
+            for member in pruned:
+                if member not in rows:
+                    raise ValueError(
+                        f"on_epochs returned member {member}, which did not train in epoch "
+                        f"{epoch} (it may prune only members {sorted(rows)})"
+                    )
+                results[member].pruned = True
+        for member, row in trained_rows.items():
+            result = results[member]
             if (
-                stop
+                result.stopped_early
                 or result.pruned
                 or result.diverged
-                or result.epochs >= config.train.max_epochs
+                or result.epochs >= result.config.train.max_epochs
             ):
                 run.active[row] = False
                 _finish(run, row, result, started, return_weights)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Iterator
 import contextlib
+import copy
 from dataclasses import dataclass
 import logging
 import math
@@ -29,6 +30,7 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
+from droptune.storage import report_values
 from droptune.storage import set_user_attrs
 from droptune.study.objective import GAP_METRIC
 from droptune.study.objective import Objective
@@ -39,7 +41,7 @@ from droptune.study.objective import result_attrs
 if TYPE_CHECKING:
     from droptune.config import TrainConfig
 
-__all__ = ["Member", "population_round"]
+__all__ = ["Member", "population_round", "should_prune"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,57 @@ def population_round(
     return [member.trial.number for member in members]
 
 
+class _Snapshot:
+    """A study's storage whose ``get_all_trials`` answers every call from one read.
+
+    Optuna's cached RDB storage re-reads every unfinished trial in full (params, attributes,
+    intermediate values) on each ``get_all_trials``, and a pruner calls it once per decision:
+    P decisions over P running trials are O(P²) row reads per epoch. The pruners see the
+    study's trials as they were when the epoch's decisions began, plus the system attributes
+    the decisions write meanwhile (Successive Halving records each trial's rung there and
+    compares the next trial against it), exactly as in a sequence of ``should_prune`` calls.
+    Everything else goes to the real storage."""
+
+    def __init__(self, storage: Any) -> None:
+        self._storage = storage
+        self._trials: dict[int, optuna.trial.FrozenTrial] | None = None
+
+    def get_all_trials(
+        self, study_id: int, deepcopy: bool = True, states: Any = None
+    ) -> list[optuna.trial.FrozenTrial]:
+        if self._trials is None:
+            read = self._storage.get_all_trials(study_id, deepcopy=False)
+            self._trials = {t._trial_id: t for t in read}  # in trial-number order
+        trials = [t for t in self._trials.values() if states is None or t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._storage.set_trial_system_attr(trial_id, key, value)
+        cached = None if self._trials is None else self._trials.get(trial_id)
+        if cached is not None:  # a new copy: the storage's cached trial stays as it was read
+            updated = copy.copy(cached)
+            updated.system_attrs = {**cached.system_attrs, key: value}
+            self._trials[trial_id] = updated  # type: ignore[index]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+
+def should_prune(study: optuna.Study, trials: list[optuna.Trial]) -> list[bool]:
+    """``trial.should_prune()`` for each of ``trials`` (running trials of ``study``, which
+    reported their latest values already), with one read of the study's trials for all the
+    decisions instead of one per decision."""
+    if not trials:
+        return []
+    view = copy.copy(study)
+    view._storage = _Snapshot(study._storage)  # type: ignore[assignment]
+    decisions = []
+    for trial in trials:
+        latest = trial._get_latest_trial()  # what ``Trial.should_prune`` hands the pruner
+        decisions.append(bool(study.pruner.prune(view, latest)))
+    return decisions
+
+
 def _ask(study: optuna.Study, count: int) -> Iterator[optuna.Trial]:
     """``study.ask()`` ``count`` times, looking for waiting trials (enqueued, or re-queued
     after a worker died) only until none is left.
@@ -201,24 +254,23 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
     for member in group:
         objective.record_start(member.trial, member.config)
 
-    def on_epoch(index: int, epoch: int, row: dict[str, float]) -> bool:
+    def on_epochs(epoch: int, rows: dict[int, dict[str, float]]) -> list[int]:
         check_stop()
         if not prune:
-            return False
-        trial = group[index].trial
-        value = row.get(metrics[0])
-        if value is None or not math.isfinite(value):
-            return False
-        trial.report(float(value), step=epoch)
-        if trial.should_prune():
-            trial.set_user_attr("droptune.pruned_at_epoch", epoch)
-            return True
-        return False
+            return []
+        reported: dict[int, optuna.Trial] = {}
+        for index, row in rows.items():
+            value = row.get(metrics[0])
+            if value is not None and math.isfinite(value):
+                reported[index] = group[index].trial
+        report_values([(trial, rows[i][metrics[0]], epoch) for i, trial in reported.items()])
+        decisions = should_prune(group[0].trial.study, list(reported.values()))
+        return [index for index, prune_it in zip(reported, decisions, strict=True) if prune_it]
 
     try:
         results = train_population(
             [m.config for m in group],
-            on_epoch=on_epoch,
+            on_epochs=on_epochs,
             datamodule=_data(objective, group),
             init=spec.execution.population_init,
         )
@@ -237,6 +289,7 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
         attrs = result_attrs(result.epochs, result.stopped_early, final)
         attrs["droptune.population"] = len(group)
         if result.pruned:
+            attrs["droptune.pruned_at_epoch"] = result.epochs - 1
             objective.record_end(trial, "PRUNED", None, history, member.config, attrs, track=False)
             trial.study.tell(trial, state=TrialState.PRUNED)
             _write_run(objective, trial, member.config)

@@ -224,6 +224,30 @@ def test_pruning_freezes_the_member_and_marks_it() -> None:
     assert results[1].metrics["val_loss"] == results[1].history[1]["val_loss"]
 
 
+def test_on_epochs_sees_each_epoch_at_once_and_prunes_the_members_it_names() -> None:
+    calls: list[tuple[int, list[int]]] = []
+
+    def on_epochs(epoch: int, rows: dict[int, dict[str, float]]) -> list[int]:
+        calls.append((epoch, sorted(rows)))
+        assert all(set(m) == HISTORY_KEYS and m["epoch"] == epoch for m in rows.values())
+        return [0, 2] if epoch == 1 else []
+
+    configs = members(range(4), train={"max_epochs": 4})
+    configs[3] = configs[3].with_overrides({"train.max_epochs": 1})
+    results = train_population(configs, on_epochs=on_epochs)
+    assert calls == [(0, [0, 1, 2, 3]), (1, [0, 1, 2]), (2, [1]), (3, [1])]
+    assert [r.pruned for r in results] == [True, False, True, False]
+    assert [r.epochs for r in results] == [2, 4, 2, 1]
+    assert results[0].metrics["val_loss"] == results[0].history[1]["val_loss"]
+
+
+def test_on_epochs_may_only_prune_members_that_trained() -> None:
+    configs = members(range(2), train={"max_epochs": 3})
+    configs[1] = configs[1].with_overrides({"train.max_epochs": 1})
+    with pytest.raises(ValueError, match="on_epochs returned member 1, which did not train"):
+        train_population(configs, on_epochs=lambda epoch, rows: [1] if epoch == 1 else [])
+
+
 def test_a_frozen_member_is_bit_identical_after_more_training() -> None:
     """compact=0 keeps a finished member in the stacks: its weights, batch-norm statistics and
     optimizer state stay exactly as they were while the others train on."""

@@ -61,8 +61,12 @@ def test_run_with_population_trains_members_together_and_tracks_each(
         if trial.state.name == "COMPLETE":
             assert trial.value == pytest.approx(min(r["val_loss"] for r in history), abs=1e-6)
             assert len(history) == 4
-        else:
-            assert trial.intermediate_values  # reported every epoch, pruned on its own
+        else:  # pruned on its own, at its last epoch
+            assert trial.user_attrs["droptune.pruned_at_epoch"] == len(history) - 1
+        # every epoch reported to Optuna (one transaction per epoch for the whole population)
+        assert trial.intermediate_values == {
+            i: pytest.approx(row["val_loss"], abs=1e-6) for i, row in enumerate(history)
+        }
         assert "droptune.seed" in trial.user_attrs
     assert_runs_match_trials(tracking["uri"], name, trial_list)
 
