@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 import re
 import sqlite3
@@ -40,6 +41,8 @@ __all__ = [
     "report_values",
     "retry_outage",
     "set_user_attrs",
+    "set_user_attrs_many",
+    "tell_trials",
     "trial_states",
 ]
 
@@ -297,7 +300,17 @@ def _storage_class() -> Any:
             return wrapper
 
         def set_trial_user_attrs(self: Any, trial_id: int, attrs: dict[str, Any]) -> None:
-            retry_outage(lambda: _write_user_attrs(self, trial_id, attrs), "set_trial_user_attrs")
+            retry_outage(
+                lambda: _write_user_attrs(self, {trial_id: attrs}), "set_trial_user_attrs"
+            )
+
+        def set_trials_user_attrs(self: Any, attrs: dict[int, dict[str, Any]]) -> None:
+            retry_outage(lambda: _write_user_attrs(self, attrs), "set_trials_user_attrs")
+
+        def set_trials_state_values(
+            self: Any, outcomes: list[tuple[int, Any, list[float] | None]]
+        ) -> None:
+            retry_outage(lambda: _write_state_values(self, outcomes), "set_trials_state_values")
 
         def set_trials_intermediate_values(
             self: Any, values: list[tuple[int, int, float]]
@@ -312,64 +325,154 @@ def _storage_class() -> Any:
             {
                 **{name: retried(name) for name in _RETRIED},
                 "set_trial_user_attrs": set_trial_user_attrs,
+                "set_trials_user_attrs": set_trials_user_attrs,
+                "set_trials_state_values": set_trials_state_values,
                 "set_trials_intermediate_values": set_trials_intermediate_values,
             },
         )
     return _STORAGE_CLASS
 
 
-def _write_user_attrs(storage: Any, trial_id: int, attrs: dict[str, Any]) -> None:
-    """Several user attributes of one trial in one transaction: one multi-row upsert on SQLite
+def _updatable(storage: Any, session: Any, ids: list[int], lock: bool = False) -> None:
+    """Raise as Optuna does unless every trial of ``ids`` exists and is still RUNNING (or
+    WAITING): one query for all of them (``lock``: ``FOR UPDATE`` where the database has it)."""
+    from optuna.storages._rdb import models
+
+    trials = models.TrialModel
+    query = session.query(trials.trial_id, trials.state).filter(trials.trial_id.in_(ids))
+    if lock:
+        query = query.with_for_update()
+    states = dict(query.all())
+    for trial_id in ids:
+        if trial_id not in states:
+            raise KeyError(f"No trial with trial_id {trial_id} exists.")
+        storage.check_trial_is_updatable(trial_id, states[trial_id])
+
+
+def _upsert(session: Any, model: Any, rows: list[dict[str, Any]], keys: list[Any]) -> None:
+    """One multi-row ``INSERT ... ON CONFLICT (keys) DO UPDATE`` (SQLite, PostgreSQL)."""
+    from sqlalchemy.dialects import postgresql
+    from sqlalchemy.dialects import sqlite
+
+    insert: Any = sqlite.insert if session.bind.dialect.name == "sqlite" else postgresql.insert
+    names = {column.name for column in keys}
+    for start in range(0, len(rows), _UPSERT_ROWS):  # under SQLite's bound-parameter limit
+        stmt = insert(model).values(rows[start : start + _UPSERT_ROWS])
+        update = {c: getattr(stmt.excluded, c) for c in rows[0] if c not in names}
+        session.execute(stmt.on_conflict_do_update(index_elements=keys, set_=update))
+
+
+#: Rows per multi-row statement: SQLite before 3.32 binds at most 999 parameters.
+_UPSERT_ROWS = 200
+
+
+def _bulk(storage: Any) -> bool:
+    """Whether the database takes droptune's multi-row upserts."""
+    return bool(storage.engine.name in ("sqlite", "postgresql"))
+
+
+def _write_user_attrs(storage: Any, attrs: dict[int, dict[str, Any]]) -> None:
+    """User attributes of several trials in one transaction: one multi-row upsert on SQLite
     and PostgreSQL (Optuna's own upsert, for many keys at once), Optuna's per-key write inside
-    the same transaction elsewhere. The trial must still be updatable, as for
-    ``set_trial_user_attr``."""
+    the same transaction elsewhere. Every trial must still be updatable, as for
+    ``set_trial_user_attr``; if one is not, nothing is written."""
     import json
 
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
     model = models.TrialUserAttributeModel
+    attrs = {trial_id: items for trial_id, items in attrs.items() if items}
+    if not attrs:
+        return
     with _create_scoped_session(storage.scoped_session, True) as session:
-        trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-        storage.check_trial_is_updatable(trial_id, trial.state)
-        dialect = storage.engine.name
-        if dialect in ("sqlite", "postgresql"):
-            from sqlalchemy.dialects import postgresql
-            from sqlalchemy.dialects import sqlite
+        _updatable(storage, session, sorted(attrs))
+        if not _bulk(storage):
+            for trial_id, items in attrs.items():
+                for key, value in items.items():
+                    storage._set_trial_attr_without_commit(session, model, trial_id, key, value)
+            return
+        rows = [
+            {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+            for trial_id, items in attrs.items()
+            for key, value in items.items()
+        ]
+        _upsert(session, model, rows, [model.trial_id, model.key])
 
-            insert: Any = sqlite.insert if dialect == "sqlite" else postgresql.insert
-            rows = [
-                {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
-                for key, value in attrs.items()
-            ]
-            stmt = insert(model).values(rows)
-            session.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=[model.trial_id, model.key],
-                    set_={"value_json": stmt.excluded.value_json},
-                )
+
+def _write_state_values(storage: Any, outcomes: list[tuple[int, Any, list[float] | None]]) -> None:
+    """``set_trial_state_values`` for several trials (each to a finished state) in one
+    transaction. If one trial is no longer updatable, nothing is written."""
+    from datetime import datetime
+
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    if not outcomes:
+        return
+    model: Any = models.TrialModel
+    values: Any = models.TrialValueModel
+    ids = sorted({trial_id for trial_id, _, _ in outcomes})
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        found = {
+            t.trial_id: t
+            for t in session.query(model).filter(model.trial_id.in_(ids)).with_for_update()
+        }
+        for trial_id in ids:
+            if trial_id not in found:
+                raise KeyError(f"No trial with trial_id {trial_id} exists.")
+            storage.check_trial_is_updatable(trial_id, found[trial_id].state)
+        rows = [
+            {
+                "trial_id": trial_id,
+                "objective": objective,
+                "value": stored,
+                "value_type": kind,
+            }
+            for trial_id, _, told in outcomes
+            for objective, (stored, kind) in enumerate(
+                values.value_to_stored_repr(v) for v in told or []
             )
-        else:
-            for key, value in attrs.items():
-                storage._set_trial_attr_without_commit(session, model, trial_id, key, value)
+        ]
+        if rows and _bulk(storage):
+            _upsert(session, values, rows, [values.trial_id, values.objective])
+        elif rows:
+            for row in rows:
+                session.merge(values(**row))
+        now = datetime.now()
+        for trial_id, state, _ in outcomes:  # Optuna's own setters (its datetime convention)
+            found[trial_id].state = state
+            found[trial_id].datetime_complete = now
+
+
+def set_user_attrs_many(attrs: list[tuple[Any, dict[str, Any]]]) -> None:
+    """:func:`set_user_attrs` for several trials of one study, in one transaction when the
+    storage is droptune's. Nothing is written if one trial has finished."""
+    attrs = [(trial, items) for trial, items in attrs if items]
+    if not attrs:
+        return
+    storage = attrs[0][0].study._storage
+    batch = getattr(getattr(storage, "_backend", storage), "set_trials_user_attrs", None)
+    if batch is None:
+        for trial, items in attrs:
+            for key, value in items.items():
+                trial.set_user_attr(key, value)
+        return
+    merged: dict[int, dict[str, Any]] = {}
+    for trial, items in attrs:
+        merged.setdefault(trial._trial_id, {}).update(items)
+    batch(merged)
+    for trial, items in attrs:
+        cached = getattr(trial, "_cached_frozen_trial", None)  # what ``trial.user_attrs`` reads
+        if cached is not None:
+            cached.user_attrs.update(items)
 
 
 def set_user_attrs(trial: Any, attrs: dict[str, Any]) -> None:
     """``trial.set_user_attr`` for every item of ``attrs``, in one transaction when the study's
     storage is droptune's (each of Optuna's writes is its own transaction, several
     milliseconds apiece; a trial records a dozen attributes or more)."""
-    if not attrs:
-        return
-    storage = trial.study._storage
-    batch = getattr(getattr(storage, "_backend", storage), "set_trial_user_attrs", None)
-    if batch is None:
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        return
-    batch(trial._trial_id, dict(attrs))
-    cached = getattr(trial, "_cached_frozen_trial", None)  # what ``trial.user_attrs`` reads
-    if cached is not None:
-        cached.user_attrs.update(attrs)
+    set_user_attrs_many([(trial, attrs)])
 
 
 def _write_intermediate_values(storage: Any, values: list[tuple[int, int, float]]) -> None:
@@ -381,26 +484,14 @@ def _write_intermediate_values(storage: Any, values: list[tuple[int, int, float]
     from optuna.storages._rdb.storage import _create_scoped_session
 
     model = models.TrialIntermediateValueModel
-    ids = sorted({trial_id for trial_id, _, _ in values})
     with _create_scoped_session(storage.scoped_session, True) as session:
-        trials = models.TrialModel
-        states = dict(
-            session.query(trials.trial_id, trials.state).filter(trials.trial_id.in_(ids)).all()
-        )
-        for trial_id in ids:
-            if trial_id not in states:
-                raise KeyError(f"No trial with trial_id {trial_id} exists.")
-            storage.check_trial_is_updatable(trial_id, states[trial_id])
-        dialect = storage.engine.name
-        if dialect not in ("sqlite", "postgresql"):
+        _updatable(storage, session, sorted({trial_id for trial_id, _, _ in values}))
+        if not _bulk(storage):
             for trial_id, step, value in values:
                 storage._set_trial_intermediate_value_without_commit(
                     session, trial_id, step, value
                 )
             return
-        from sqlalchemy.dialects import postgresql
-        from sqlalchemy.dialects import sqlite
-
         rows = []
         for trial_id, step, value in values:
             stored, kind = model.intermediate_value_to_stored_repr(value)
@@ -412,17 +503,7 @@ def _write_intermediate_values(storage: Any, values: list[tuple[int, int, float]
                     "intermediate_value_type": kind,
                 }
             )
-        insert: Any = sqlite.insert if dialect == "sqlite" else postgresql.insert
-        stmt = insert(model).values(rows)
-        session.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[model.trial_id, model.step],
-                set_={
-                    "intermediate_value": stmt.excluded.intermediate_value,
-                    "intermediate_value_type": stmt.excluded.intermediate_value_type,
-                },
-            )
-        )
+        _upsert(session, model, rows, [model.trial_id, model.step])
 
 
 def report_values(reports: list[tuple[Any, float, int]]) -> None:
@@ -459,6 +540,72 @@ def report_values(reports: list[tuple[Any, float, int]]) -> None:
         batch([(trial._trial_id, step, value) for trial, value, step in checked])
     for trial, value, step in checked:  # what ``Trial.report`` caches and pruners read
         trial._cached_frozen_trial.intermediate_values[step] = value
+
+
+def tell_trials(study: Any, outcomes: list[tuple[Any, Any, Any]]) -> None:
+    """``study.tell(trial, values, state=state)`` for every ``(trial, state, values)``, with
+    the states and values of all trials written in one transaction when the storage is
+    droptune's (Optuna's ``tell`` costs two full reads of the trial and a transaction each).
+
+    As Optuna's ``tell``: ``COMPLETE`` needs one finite float per objective; ``PRUNED`` records
+    the trial's last reported value as its value when it is one; ``FAIL`` has none; the
+    sampler's ``after_trial`` sees each trial before the write. If a trial can no longer be
+    told (it finished meanwhile), nothing is written and Optuna's
+    ``UpdateFinishedTrialError`` is raised."""
+    import optuna
+    from optuna.trial import TrialState
+
+    if not outcomes:
+        return
+    batch = getattr(getattr(study._storage, "_backend", None), "set_trials_state_values", None)
+    if batch is None:
+        for trial, state, values in outcomes:
+            study.tell(trial, values, state=state)
+        return
+    study._thread_local.cached_all_trials = None  # as ``tell``: the cache held one trial's view
+    checked: list[tuple[Any, Any, list[float] | None]] = []
+    for trial, state, values in outcomes:
+        told: list[float] | None = None
+        if state == TrialState.COMPLETE:
+            told = _feasible(study, trial.number, values)
+            if told is None:
+                raise ValueError(
+                    f"tell of trial {trial.number}: COMPLETE needs one finite float per "
+                    f"objective ({len(study.directions)}), got {values!r}"
+                )
+        elif state == TrialState.PRUNED:
+            if values is not None:
+                raise ValueError(f"tell of trial {trial.number}: a PRUNED trial takes no values")
+            reported = trial._cached_frozen_trial.intermediate_values
+            if reported:
+                told = _feasible(study, trial.number, reported[max(reported)])
+        elif state == TrialState.FAIL:
+            if values is not None:
+                raise ValueError(f"tell of trial {trial.number}: a FAIL trial takes no values")
+        else:
+            raise ValueError(
+                f"tell of trial {trial.number}: state must be COMPLETE, PRUNED or FAIL, got "
+                f"{state!r}"
+            )
+        checked.append((trial, state, told))
+    filter_study = getattr(optuna.pruners, "_filter_study", lambda study, trial: study)
+    for trial, state, told in checked:
+        frozen = trial._get_latest_trial()
+        study.sampler.after_trial(filter_study(study, frozen), frozen, state, told)
+    batch([(trial._trial_id, state, told) for trial, state, told in checked])
+
+
+def _feasible(study: Any, number: int, values: Any) -> list[float] | None:
+    """``values`` as one float per objective, or None where Optuna's ``tell`` would refuse
+    them (not floats, NaN, the wrong count)."""
+    listed = list(values) if isinstance(values, (list, tuple)) else [values]
+    try:
+        floats = [float(v) for v in listed]
+    except (TypeError, ValueError):
+        return None
+    if any(math.isnan(v) for v in floats) or len(floats) != len(study.directions):
+        return None
+    return floats
 
 
 _CREATE_ATTEMPTS = 5

@@ -257,14 +257,7 @@ class Objective:
         History and memory are best effort; a failure to write ``attrs`` raises. With
         ``track=False`` the MLflow run is left to the caller (a population round writes it in
         the background once the trial is told)."""
-        from droptune.tracking._study import HISTORY_ATTR
-
-        record: dict[str, Any] = {
-            HISTORY_ATTR: [{k: round(v, 7) for k, v in row.items()} for row in history]
-        }
-        rss = _rss_mb()
-        if rss is not None:  # the worker's memory after each trial: leaks show up here
-            record[RSS_ATTR] = rss
+        record = self.end_attrs(history)
         if attrs:
             set_user_attrs(trial, {**attrs, **record})
         else:
@@ -275,19 +268,34 @@ class Objective:
                 trial, state, values, None if config is None else config.to_dict()
             )
 
+    @staticmethod
+    def end_attrs(history: list[dict[str, float]]) -> dict[str, Any]:
+        """What every ended trial records besides its results: the per-epoch history and the
+        worker's memory (leaks show up there)."""
+        from droptune.tracking._study import HISTORY_ATTR
+
+        record: dict[str, Any] = {
+            HISTORY_ATTR: [{k: round(v, 7) for k, v in row.items()} for row in history]
+        }
+        rss = _rss_mb()
+        if rss is not None:
+            record[RSS_ATTR] = rss
+        return record
+
+    def start_attrs(self, cfg: TrainConfig) -> dict[str, Any]:
+        """Seed, worker, host and device: what a trial records when it starts."""
+        return {
+            "droptune.seed": cfg.train.seed,
+            "droptune.worker": self.worker,
+            "droptune.host": socket.gethostname(),
+            "droptune.device": os.environ.get("CUDA_VISIBLE_DEVICES", "cpu")
+            if cfg.train.accelerator != "cpu"
+            else "cpu",
+        }
+
     def record_start(self, trial: optuna.Trial, cfg: TrainConfig) -> None:
         """Seed, worker, host and device on the trial; its MLflow run started."""
-        set_user_attrs(
-            trial,
-            {
-                "droptune.seed": cfg.train.seed,
-                "droptune.worker": self.worker,
-                "droptune.host": socket.gethostname(),
-                "droptune.device": os.environ.get("CUDA_VISIBLE_DEVICES", "cpu")
-                if cfg.train.accelerator != "cpu"
-                else "cpu",
-            },
-        )
+        set_user_attrs(trial, self.start_attrs(cfg))
         if self.tracking is not None:
             self.tracking.trial_started(trial.study, trial)
 

@@ -1,10 +1,15 @@
 """Population rounds of a worker: P trials asked at once, trained as one batched network.
 
 One round: claim up to P slots, ``ask`` one trial per slot (the sampler suggests as usual),
-record their seeds and start their MLflow runs, then train them together with
-:func:`droptune.population.train_population`, grouped by dropout kind (the kind is shared inside
-one population). Each member reports every validation epoch to Optuna and is pruned on its own;
-early stopping is per member. Then one ``tell`` per member and one finished MLflow run each.
+record their seeds, then train them together with :func:`droptune.population.train_population`,
+grouped by dropout kind (the kind is shared inside one population). Each member reports every
+validation epoch to Optuna and is pruned on its own; early stopping is per member.
+
+Bookkeeping is batched per round, not per trial: the members' start attributes, each epoch's
+reports, the results and the tells are one transaction each for the whole population, and the
+pruning decisions of an epoch read the study once. The MLflow runs are created by the tracking
+writer thread while the population trains, linked to their trials in the results transaction,
+and completed by the writer after the tell while the next round trains.
 
 Optuna's heartbeat thread only runs inside ``study.optimize``, so the round beats for its asked
 trials itself: a worker killed mid-round leaves trials that go stale and are failed (and retried)
@@ -19,6 +24,7 @@ from collections.abc import Iterator
 import contextlib
 import copy
 from dataclasses import dataclass
+from dataclasses import field
 import logging
 import math
 import threading
@@ -32,6 +38,9 @@ from optuna.trial import TrialState
 
 from droptune.storage import report_values
 from droptune.storage import set_user_attrs
+from droptune.storage import set_user_attrs_many
+from droptune.storage import tell_trials
+from droptune.storage import trial_states
 from droptune.study.objective import GAP_METRIC
 from droptune.study.objective import Objective
 from droptune.study.objective import TrialFailed
@@ -53,6 +62,9 @@ class Member:
     slot: int
     trial: optuna.Trial
     config: TrainConfig
+    #: What the trial records about its MLflow run (its id, or the tracking error), filled in
+    #: by the tracking writer while the round trains.
+    linked: dict[str, Any] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -110,7 +122,7 @@ def population_round(
         try:
             config, _ = objective.config_for(trial)
         except Exception as exc:  # a config the search produced but droptune refuses
-            _fail(objective, trial, exc, None)
+            _fail(objective, trial, exc)
             continue
         members.append(Member(slot, trial, config))
     spec = objective.spec
@@ -120,9 +132,10 @@ def population_round(
                 _train_group(objective, group, check_stop)
     except BaseException as exc:
         # Interrupted (or broken) mid-round: no asked trial may stay RUNNING.
-        for member in members:
-            if study._storage.get_trial(member.trial._trial_id).state == TrialState.RUNNING:
-                _fail(objective, member.trial, exc, member.config)
+        states = trial_states(study)
+        _fail_members(
+            objective, [m for m in members if states.get(m.trial.number) == "RUNNING"], exc
+        )
         raise
     return [member.trial.number for member in members]
 
@@ -245,14 +258,14 @@ def _single(objective: Objective, member: Member) -> None:
 
 
 def _population(objective: Objective, group: list[Member], check_stop: Callable[[], None]) -> None:
+    """Train ``group`` as one population: record the starts, train, record the ends. An
+    exception leaves the members RUNNING for :func:`population_round` to fail."""
     from droptune.population import train_population
 
     spec = objective.spec
     metrics = spec.study.objectives
-    directions = spec.study.study_directions
     prune = len(metrics) == 1 and spec.pruner.name != "none"
-    for member in group:
-        objective.record_start(member.trial, member.config)
+    _start(objective, group)
 
     def on_epochs(epoch: int, rows: dict[int, dict[str, float]]) -> list[int]:
         check_stop()
@@ -267,20 +280,53 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
         decisions = should_prune(group[0].trial.study, list(reported.values()))
         return [index for index, prune_it in zip(reported, decisions, strict=True) if prune_it]
 
-    try:
-        results = train_population(
-            [m.config for m in group],
-            on_epochs=on_epochs,
-            datamodule=_data(objective, group),
-            init=spec.execution.population_init,
-        )
-    except BaseException as exc:
+    results = train_population(
+        [m.config for m in group],
+        on_epochs=on_epochs,
+        datamodule=_data(objective, group),
+        init=spec.execution.population_init,
+    )
+    _end(objective, group, results)
+
+
+def _start(objective: Objective, group: list[Member]) -> None:
+    """The members' start attributes in one transaction; their MLflow runs created by the
+    tracking writer while the population trains (linked to the trials when the round ends)."""
+    set_user_attrs_many([(m.trial, objective.start_attrs(m.config)) for m in group])
+    tracking, writer = objective.tracking, objective.tracking_writer()
+    if tracking is None or writer is None:
+        return
+    study = group[0].trial.study
+    starts = [(m.trial.number, dict(m.trial.user_attrs)) for m in group]
+
+    def job() -> None:
+        linked = tracking.start_runs(study, starts)
         for member in group:
-            _fail(objective, member.trial, exc, member.config)
-        raise
+            member.linked = linked.get(member.trial.number, {})
+
+    writer.submit(job)
+
+
+def _linked(objective: Objective, member: Member) -> dict[str, Any]:
+    """The member's run link and the seconds its tracking took (call after a drain)."""
+    from droptune.tracking._study import SECONDS_ATTR
+
+    if objective.tracking is None:
+        return {}
+    return {**member.linked, SECONDS_ATTR: round(objective.tracking.spent(member.trial.number), 4)}
+
+
+def _end(objective: Objective, group: list[Member], results: list[Any]) -> None:
+    """Every member's results and history in one transaction, one tell for all of them, then
+    their MLflow runs completed in the background."""
+    spec = objective.spec
+    metrics = spec.study.objectives
+    directions = spec.study.study_directions
     writer = objective.tracking_writer()
     if writer is not None:
-        writer.drain()  # the previous round's runs are written: at most one round behind
+        writer.drain()  # this round's runs exist; the previous round's are written
+    records: list[tuple[optuna.Trial, dict[str, Any]]] = []
+    outcomes: list[tuple[optuna.Trial, TrialState, Any]] = []
     for member, result in zip(group, results, strict=True):
         trial, history = member.trial, result.history
         final = dict(result.metrics)
@@ -288,11 +334,12 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
             final[GAP_METRIC] = final["val_loss"] - final["train_loss"]
         attrs = result_attrs(result.epochs, result.stopped_early, final)
         attrs["droptune.population"] = len(group)
+        attrs.update(objective.end_attrs(history))
+        attrs.update(_linked(objective, member))
+        records.append((trial, attrs))
         if result.pruned:
             attrs["droptune.pruned_at_epoch"] = result.epochs - 1
-            objective.record_end(trial, "PRUNED", None, history, member.config, attrs, track=False)
-            trial.study.tell(trial, state=TrialState.PRUNED)
-            _write_run(objective, trial, member.config)
+            outcomes.append((trial, TrialState.PRUNED, None))
             continue
         try:
             if result.timed_out:
@@ -304,12 +351,50 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
             else:
                 values = [Objective._final(m, final) for m in metrics]
         except TrialFailed as exc:
-            set_user_attrs(trial, attrs)
-            _fail(objective, trial, exc, member.config, history)
+            attrs.update(_failure(exc))
+            outcomes.append((trial, TrialState.FAIL, None))
             continue
-        objective.record_end(trial, "COMPLETE", values, history, member.config, attrs, track=False)
-        trial.study.tell(trial, values)
-        _write_run(objective, trial, member.config)
+        outcomes.append((trial, TrialState.COMPLETE, values))
+    set_user_attrs_many(records)
+    tell_trials(group[0].trial.study, outcomes)
+    for member in group:
+        _write_run(objective, member.trial, member.config)
+
+
+def _failure(exc: BaseException) -> dict[str, Any]:
+    """Why a trial failed, as it records it."""
+    return {
+        "droptune.fail_reason": f"{type(exc).__name__}: {exc}"[:1000],
+        "droptune.traceback": "".join(traceback.format_exception(exc))[-4000:],
+    }
+
+
+def _fail_members(objective: Objective, members: list[Member], exc: BaseException) -> None:
+    """Record why, tell FAIL and complete the runs of a round's members still RUNNING after
+    it broke off; best effort per member where the batch cannot be written (one of them was
+    failed meanwhile, e.g. by a stale-trial sweep)."""
+    if not members:
+        return
+    writer = objective.tracking_writer()
+    if writer is not None:
+        with contextlib.suppress(Exception):
+            writer.drain()  # the runs started for the round exist and get linked below
+    records = [
+        (m.trial, {**_failure(exc), **objective.end_attrs([]), **_linked(objective, m)})
+        for m in members
+    ]
+    study = members[0].trial.study
+    try:
+        set_user_attrs_many(records)
+        tell_trials(study, [(m.trial, TrialState.FAIL, None) for m in members])
+    except Exception:
+        for trial, attrs in records:
+            with contextlib.suppress(Exception):
+                set_user_attrs(trial, attrs)
+            with contextlib.suppress(Exception):
+                study.tell(trial, state=TrialState.FAIL)
+    for member in members:
+        _write_run(objective, member.trial, member.config)
 
 
 def _write_run(objective: Objective, trial: optuna.Trial, config: TrainConfig) -> None:
@@ -341,18 +426,10 @@ def _data(objective: Objective, group: list[Member]) -> Any:
     return datamodule
 
 
-def _fail(
-    objective: Objective,
-    trial: optuna.Trial,
-    exc: BaseException,
-    config: TrainConfig | None,
-    history: list[dict[str, float]] | None = None,
-) -> None:
-    """Record why the trial failed, end its run, tell FAIL."""
+def _fail(objective: Objective, trial: optuna.Trial, exc: BaseException) -> None:
+    """Record why the trial failed, end its run, tell FAIL (a trial that never trained)."""
     with contextlib.suppress(Exception):
-        trial.set_user_attr("droptune.fail_reason", f"{type(exc).__name__}: {exc}"[:1000])
-        text = "".join(traceback.format_exception(exc))
-        trial.set_user_attr("droptune.traceback", text[-4000:])
-    objective.record_end(trial, "FAIL", None, history or [], config)
+        set_user_attrs(trial, _failure(exc))
+    objective.record_end(trial, "FAIL", None, [], None)
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
         trial.study.tell(trial, state=TrialState.FAIL)

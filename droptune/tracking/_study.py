@@ -243,17 +243,30 @@ class StudyTracking:
         except Exception as exc:
             log.debug("tracking warm-up failed: %s", _first_line(exc))
 
-    def _record_error(self, trial: Any, exc: BaseException, what: str) -> None:
+    def _error_message(self, number: Any, exc: BaseException, what: str) -> str:
+        """The tracking failure as kept on the trial (URL masked), logged once."""
         message = f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         message = message.replace(self.uri, mask_url(self.uri))[:1000]
         log.warning(
             "trial %s: MLflow tracking failed (%s); `droptune sync` back-fills the run "
             "once the server is back",
-            getattr(trial, "number", "?"),
+            number,
             message,
         )
+        return message
+
+    def _record_error(self, trial: Any, exc: BaseException, what: str) -> None:
+        message = self._error_message(getattr(trial, "number", "?"), exc, what)
         with contextlib.suppress(Exception):  # never let bookkeeping fail the trial
             trial.set_user_attr(ERROR_ATTR, message)
+
+    def _start_tags(self, user_attrs: dict[str, Any]) -> dict[str, str]:
+        return {
+            "droptune.version": self.version,
+            "droptune.seed": str(user_attrs.get("droptune.seed", "")),
+            "droptune.device": str(user_attrs.get("droptune.device", "")),
+            "droptune.worker": str(user_attrs.get("droptune.worker", "")),
+        }
 
     def trial_started(self, study: optuna.Study, trial: optuna.Trial) -> None:
         """Create the trial's RUNNING child run and link it both ways."""
@@ -263,20 +276,39 @@ class StudyTracking:
         try:
             parent = self.parent_run_id(study)
             run_id = self.tracker.start_trial_run(
-                parent,
-                trial.number,
-                {
-                    "droptune.version": self.version,
-                    "droptune.seed": str(trial.user_attrs.get("droptune.seed", "")),
-                    "droptune.device": str(trial.user_attrs.get("droptune.device", "")),
-                    "droptune.worker": str(trial.user_attrs.get("droptune.worker", "")),
-                },
+                parent, trial.number, self._start_tags(trial.user_attrs)
             )
             trial.set_user_attr(RUN_ID_ATTR, run_id)
         except Exception as exc:
             self._record_error(trial, exc, "start")
         finally:
             self._spent[trial.number] = time.perf_counter() - started
+
+    def start_runs(
+        self, study: optuna.Study, trials: list[tuple[int, dict[str, Any]]]
+    ) -> dict[int, dict[str, Any]]:
+        """Create the RUNNING child runs of several starting trials (``(number, user
+        attributes)`` each) without writing to the trials: returns, per trial number, the
+        attributes the caller records on the trial with its others (the run id, or the
+        tracking error, which is logged here), so that a population round links P runs in one
+        transaction. May run on a background thread."""
+        if not self.enabled:
+            return {}
+        linked: dict[int, dict[str, Any]] = {}
+        for number, user_attrs in trials:
+            started = time.perf_counter()
+            try:
+                parent = self.parent_run_id(study)
+                run_id = self.tracker.start_trial_run(parent, number, self._start_tags(user_attrs))
+                linked[number] = {RUN_ID_ATTR: run_id}
+            except Exception as exc:
+                linked[number] = {ERROR_ATTR: self._error_message(number, exc, "start")}
+            self._spent[number] = time.perf_counter() - started
+        return linked
+
+    def spent(self, number: int) -> float:
+        """Seconds spent tracking trial ``number`` so far in this process."""
+        return self._spent.get(number, 0.0)
 
     def trial_ended(
         self,

@@ -120,7 +120,14 @@ def test_sigkilled_worker_trial_fails_after_grace_and_is_retried(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "how", ["sigint-to-group", "sigterm-to-run", "sigterm-to-worker", "graceful-sigint-to-group"]
+    "how",
+    [
+        "sigint-to-group",
+        "sigterm-to-run",
+        "sigterm-to-worker",
+        "graceful-sigint-to-group",
+        "population-sigint-to-group",
+    ],
 )
 def test_interrupt_fails_running_trials_exits_130_and_resumes(
     how: str,
@@ -133,16 +140,20 @@ def test_interrupt_fails_running_trials_exits_130_and_resumes(
     name = f"int-{how}"
     n = 3
     graceful = how.startswith("graceful")
+    # a population round of all n trials: interrupted, it fails every member at once
+    population = ["--population", str(n)] if how.startswith("population") else []
     tracking = tracking_section(tmp_path)
     path = write_spec(
         study={"name": name},
-        train=LONG_TRAIN,
+        train={"max_epochs": 400} if population else LONG_TRAIN,
         execution=FAST_BEATS,
         tracking=tracking,
         n_trials=n,
     )
     if how == "sigterm-to-worker":
         proc = procs.start("worker", str(path))
+    elif population:
+        proc = procs.start("run", str(path), "--workers", "1", *population)
     else:
         proc = procs.start("run", str(path), "--workers", "2", *(["--graceful"] * graceful))
     victim = wait_for(lambda: running_trial(sqlite_url, name), 240, "a RUNNING trial", proc)
@@ -176,12 +187,15 @@ def test_interrupt_fails_running_trials_exits_130_and_resumes(
         for trial in failed:
             reason = trial.user_attrs.get("droptune.fail_reason", "")
             assert "interrupted" in reason, reason
+        if population:  # the whole round was training together
+            assert state_counts == {"FAIL": n}, state_counts
     if how != "sigterm-to-worker":
         assert "interrupted: run the same command again to resume" in err
     # No MLflow run is left RUNNING either: each ended trial's run has its final status.
     assert_runs_match_trials(tracking["uri"], name, trial_list)
 
-    assert main(["run", str(path), "--workers", "1"]) == 0, capsys.readouterr().err[-3000:]
+    resume = ["run", str(path), "--workers", "1", *population]
+    assert main(resume) == 0, capsys.readouterr().err[-3000:]
     trial_list = trials(sqlite_url, name)
     assert counts(trial_list).get("RUNNING", 0) == 0
     assert finished(trial_list) == n, counts(trial_list)

@@ -16,6 +16,8 @@ import pytest
 from droptune.storage import open_storage
 from droptune.storage import report_values
 from droptune.storage import set_user_attrs
+from droptune.storage import set_user_attrs_many
+from droptune.storage import tell_trials
 from droptune.study.population import should_prune
 
 
@@ -156,3 +158,92 @@ def test_pruning_decisions_match_optunas_from_one_read(
     assert any(expected) and not all(expected)  # the study tells the trials apart
     assert reads <= 1  # Optuna's own calls re-read the running trials once per decision
     assert should_prune(mine[0].study, []) == []
+
+
+def test_attributes_of_many_trials_at_once(storage_url: str) -> None:
+    study = optuna.create_study(storage=open_storage(storage_url), study_name="many")
+    a, b, done = study.ask(), study.ask(), study.ask()
+    study.tell(done, 0.0)
+    set_user_attrs_many([(a, {"x": 1, "y": [1, 2]}), (b, {"x": 2}), (a, {"z": None}), (b, {})])
+    assert a.user_attrs == {"x": 1, "y": [1, 2], "z": None}
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        set_user_attrs_many([(a, {"x": 3}), (done, {"x": 3})])
+    reread = optuna.load_study(study_name="many", storage=storage_url).trials
+    assert [t.user_attrs for t in reread] == [{"x": 1, "y": [1, 2], "z": None}, {"x": 2}, {}]
+
+
+class _Recording(optuna.samplers.RandomSampler):
+    def __init__(self) -> None:
+        super().__init__(seed=0)
+        self.after: list[tuple[int, TrialState, Any]] = []
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        assert trial.state == TrialState.RUNNING  # before the write, as in Optuna's tell
+        self.after.append((trial.number, state, values))
+
+
+def _told_study(url: str, name: str, batched: bool) -> tuple[list[Any], _Recording]:
+    sampler = _Recording()
+    study = optuna.create_study(storage=open_storage(url), study_name=name, sampler=sampler)
+    trials = [study.ask() for _ in range(5)]
+    for trial in trials:
+        trial.suggest_float("x", 0.0, 1.0)
+    trials[1].report(0.75, 0)
+    trials[1].report(0.5, 1)
+    trials[4].report(float("nan"), 0)
+    outcomes = [
+        (trials[0], TrialState.COMPLETE, 0.25),
+        (trials[1], TrialState.PRUNED, None),  # takes its last reported value
+        (trials[2], TrialState.PRUNED, None),  # reported nothing: no value
+        (trials[3], TrialState.FAIL, None),
+        (trials[4], TrialState.PRUNED, None),  # NaN is no value
+    ]
+    if batched:
+        tell_trials(study, outcomes)
+    else:
+        for trial, state, values in outcomes:
+            study.tell(trial, values, state=state)
+    return optuna.load_study(study_name=name, storage=url).trials, sampler
+
+
+def test_a_batch_tell_records_what_optunas_tell_records(storage_url: str) -> None:
+    mine, my_sampler = _told_study(storage_url, "batch-tell", batched=True)
+    theirs, their_sampler = _told_study(storage_url, "plain-tell", batched=False)
+    for a, b in zip(mine, theirs, strict=True):
+        assert (a.state, a.values, a.params) == (b.state, b.values, b.params)
+        assert a.datetime_complete is not None and b.datetime_complete is not None
+        assert abs((a.datetime_complete - b.datetime_complete).total_seconds()) < 120
+    assert [t.values for t in mine] == [[0.25], [0.5], None, None, None]
+    assert len(my_sampler.after) == 5
+    assert [(n, s) for n, s, _ in my_sampler.after] == [(n, s) for n, s, _ in their_sampler.after]
+
+
+@pytest.mark.parametrize(
+    ("state", "values", "match"),
+    [
+        (TrialState.COMPLETE, float("nan"), "tell of trial 1: COMPLETE needs one finite float"),
+        (TrialState.COMPLETE, None, "COMPLETE needs one finite float per objective"),
+        (TrialState.COMPLETE, [0.1, 0.2], "per objective \\(1\\), got \\[0.1, 0.2\\]"),
+        (TrialState.PRUNED, 0.5, "tell of trial 1: a PRUNED trial takes no values"),
+        (TrialState.FAIL, 0.5, "a FAIL trial takes no values"),
+        (TrialState.RUNNING, None, "state must be COMPLETE, PRUNED or FAIL"),
+    ],
+)
+def test_a_bad_outcome_tells_nothing(
+    sqlite_url: str, state: TrialState, values: Any, match: str
+) -> None:
+    study = optuna.create_study(storage=open_storage(sqlite_url))
+    good, bad = study.ask(), study.ask()
+    with pytest.raises(ValueError, match=match):
+        tell_trials(study, [(good, TrialState.COMPLETE, 1.0), (bad, state, values)])
+    assert [t.state for t in study.trials] == [TrialState.RUNNING] * 2
+
+
+def test_a_trial_finished_meanwhile_tells_nothing(storage_url: str) -> None:
+    study = optuna.create_study(storage=open_storage(storage_url), study_name="meanwhile")
+    mine, reaped = study.ask(), study.ask()
+    study._storage.set_trial_state_values(reaped._trial_id, TrialState.FAIL)  # another worker
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        tell_trials(study, [(mine, TrialState.COMPLETE, 1.0), (reaped, TrialState.COMPLETE, 2.0)])
+    assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.FAIL]
+    assert study.trials[0].values is None
