@@ -384,27 +384,27 @@ def main() -> None:
     def spread(workers: int) -> list[str]:
         return ["--per-device", str(workers)] if gpu else ["--workers", str(workers)]
 
-    # the population modes right after the baseline: a run cut short still has the figures
-    # the targets are about
-    plan: list[tuple[str, str, int, list[str] | None]] = [(NAIVE, "naive", counts["naive"], None)]
-    for p in populations:
-        for w in pop_workers:
-            # at least two rounds per worker, so that the steady state is measured
-            n = max(counts["population"], 2 * p * w)
-            label = f"(d) droptune run --population {p}" + (f", {w} workers" if w > 1 else "")
-            plan.append((label, f"pop{p}w{w}", n, ["--population", str(p), *spread(w)]))
-    plan += [
+    # the rows the targets compare first (baseline, best packed, populations), so that a run
+    # cut short still has them; the 1-worker row last
+    plan: list[tuple[str, str, int, list[str] | None]] = [
+        (NAIVE, "naive", counts["naive"], None),
         (
             f"(c) droptune run, {args.packed} packed workers",
             "packed",
             counts["packed"],
             spread(args.packed),
         ),
-        ("(b) droptune run, 1 worker", "run1", counts["run"], ["--workers", "1"]),
     ]
+    for p in populations:
+        for w in pop_workers:
+            # at least two rounds per worker, so that the steady state is measured
+            n = max(counts["population"], 2 * p * w)
+            label = f"(d) droptune run --population {p}" + (f", {w} workers" if w > 1 else "")
+            plan.append((label, f"pop{p}w{w}", n, ["--population", str(p), *spread(w)]))
     if args.pure:
         label = f"(e) train_population alone, P={args.pure} (no storage, no tracking)"
         plan.append((label, "pure", args.pure, []))
+    plan.append(("(b) droptune run, 1 worker", "run1", counts["run"], ["--workers", "1"]))
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

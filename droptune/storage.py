@@ -40,6 +40,7 @@ __all__ = [
     "prepare_sqlite",
     "report_values",
     "retry_outage",
+    "set_params_many",
     "set_user_attrs",
     "set_user_attrs_many",
     "tell_trials",
@@ -307,6 +308,9 @@ def _storage_class() -> Any:
         def set_trials_user_attrs(self: Any, attrs: dict[int, dict[str, Any]]) -> None:
             retry_outage(lambda: _write_user_attrs(self, attrs), "set_trials_user_attrs")
 
+        def set_trials_params(self: Any, rows: list[tuple[Any, ...]]) -> None:
+            retry_outage(lambda: _write_params(self, rows), "set_trials_params")
+
         def set_trials_state_values(
             self: Any, outcomes: list[tuple[int, Any, list[float] | None]]
         ) -> None:
@@ -327,6 +331,7 @@ def _storage_class() -> Any:
                 "set_trial_user_attrs": set_trial_user_attrs,
                 "set_trials_user_attrs": set_trials_user_attrs,
                 "set_trials_state_values": set_trials_state_values,
+                "set_trials_params": set_trials_params,
                 "set_trials_intermediate_values": set_trials_intermediate_values,
             },
         )
@@ -335,7 +340,9 @@ def _storage_class() -> Any:
 
 def _updatable(storage: Any, session: Any, ids: list[int], lock: bool = False) -> None:
     """Raise as Optuna does unless every trial of ``ids`` exists and is still RUNNING (or
-    WAITING): one query for all of them (``lock``: ``FOR UPDATE`` where the database has it)."""
+    WAITING): one query for all of them (``lock``: ``FOR UPDATE`` where the database has it).
+    Call it before writing anything in ``session``: Optuna's refusal reads the trial through
+    the same thread-local session and commits whatever that session holds."""
     from optuna.storages._rdb import models
 
     trials = models.TrialModel
@@ -443,6 +450,44 @@ def _write_state_values(storage: Any, outcomes: list[tuple[int, Any, list[float]
         for trial_id, state, _ in outcomes:  # Optuna's own setters (its datetime convention)
             found[trial_id].state = state
             found[trial_id].datetime_complete = now
+
+
+def _write_params(storage: Any, rows: list[tuple[Any, ...]]) -> None:
+    """``(trial_id, name, internal value, distribution, previous distribution or None)``
+    params of several trials in one transaction, each written and checked by Optuna's own
+    code (the trial must be updatable; the distribution must fit the study's earlier one)."""
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        # every trial checked before any write: Optuna's refusal of a finished trial reads it
+        # through the same thread-local session and commits what that session holds
+        _updatable(storage, session, sorted({row[0] for row in rows}))
+        for trial_id, name, internal, distribution, previous in rows:
+            storage._set_trial_param_without_commit(
+                session, trial_id, name, internal, distribution, previous
+            )
+
+
+def set_params_many(storage: Any, rows: list[tuple[int, str, float, Any]]) -> None:
+    """``storage.set_trial_param(trial_id, name, internal value, distribution)`` for every
+    row, in one transaction when ``storage`` is droptune's behind Optuna's cache (a trial's
+    suggestions are one transaction each otherwise). The cache's record of each param's
+    distribution is used and kept, as its own ``set_trial_param`` does."""
+    batch = getattr(getattr(storage, "_backend", None), "set_trials_params", None)
+    studies = getattr(storage, "_studies", None)
+    owners = getattr(storage, "_trial_id_to_study_id_and_number", None)
+    if batch is None or studies is None or owners is None:
+        for row in rows:
+            storage.set_trial_param(*row)
+        return
+    with storage._lock:
+        resolved = []
+        for trial_id, name, internal, distribution in rows:
+            known = studies[owners[trial_id][0]].param_distribution
+            resolved.append((trial_id, name, internal, distribution, known.get(name)))
+        batch(resolved)
+        for trial_id, name, _, distribution in rows:
+            studies[owners[trial_id][0]].param_distribution.setdefault(name, distribution)
 
 
 def set_user_attrs_many(attrs: list[tuple[Any, dict[str, Any]]]) -> None:

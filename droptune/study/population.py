@@ -37,6 +37,7 @@ import optuna
 from optuna.trial import TrialState
 
 from droptune.storage import report_values
+from droptune.storage import set_params_many
 from droptune.storage import set_user_attrs
 from droptune.storage import set_user_attrs_many
 from droptune.storage import tell_trials
@@ -116,17 +117,22 @@ def population_round(
     Returns:
         The numbers of the round's trials.
     """
+    params = _ParamBuffer(study._storage)
+    view = copy.copy(study)  # the round's trials suggest through the buffer
+    view._storage = params  # type: ignore[assignment]
     members: list[Member] = []
-    for slot, trial in zip(slots, _ask(study, len(slots)), strict=True):
+    for slot, trial in zip(slots, _ask(view, len(slots)), strict=True):
         bind(slot, trial)
         try:
             config, _ = objective.config_for(trial)
         except Exception as exc:  # a config the search produced but droptune refuses
+            params.flush([trial._trial_id])  # the suggestions that led to it are kept
             _fail(objective, trial, exc)
             continue
         members.append(Member(slot, trial, config))
     spec = objective.spec
     try:
+        params.flush()
         with _heartbeats(study, [m.trial for m in members], spec.execution.heartbeat_interval):
             for group in _groups(members):
                 _train_group(objective, group, check_stop)
@@ -138,6 +144,38 @@ def population_round(
         )
         raise
     return [member.trial.number for member in members]
+
+
+class _ParamBuffer:
+    """A study's storage that holds back the params its trials suggest until ``flush``, which
+    writes them for all of a round's trials in one transaction (each suggestion is its own
+    transaction otherwise: three or more per trial). Everything else goes to the real storage;
+    after the flush, params are written at once as usual."""
+
+    def __init__(self, storage: Any) -> None:
+        self._storage = storage
+        self._rows: list[tuple[int, str, float, Any]] = []
+        self._buffering = True
+
+    def set_trial_param(self, trial_id: int, name: str, internal: float, dist: Any) -> None:
+        if not self._buffering:
+            self._storage.set_trial_param(trial_id, name, internal, dist)
+            return
+        self._rows.append((trial_id, name, internal, dist))
+
+    def flush(self, trial_ids: list[int] | None = None) -> None:
+        """Write the held params (only those of ``trial_ids`` if given; else all, and stop
+        holding)."""
+        if trial_ids is None:
+            rows, self._rows, self._buffering = self._rows, [], False
+        else:
+            rows = [row for row in self._rows if row[0] in trial_ids]
+            self._rows = [row for row in self._rows if row[0] not in trial_ids]
+        if rows:
+            set_params_many(self._storage, rows)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
 
 
 class _Snapshot:

@@ -68,6 +68,7 @@ def test_run_with_population_trains_members_together_and_tracks_each(
             i: pytest.approx(row["val_loss"], abs=1e-6) for i, row in enumerate(history)
         }
         assert "droptune.seed" in trial.user_attrs
+        assert set(trial.params) == set(ONE_KIND)  # suggestions written with the round's batch
     assert_runs_match_trials(tracking["uri"], name, trial_list)
 
 

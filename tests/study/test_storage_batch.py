@@ -15,6 +15,7 @@ import pytest
 
 from droptune.storage import open_storage
 from droptune.storage import report_values
+from droptune.storage import set_params_many
 from droptune.storage import set_user_attrs
 from droptune.storage import set_user_attrs_many
 from droptune.storage import tell_trials
@@ -247,3 +248,24 @@ def test_a_trial_finished_meanwhile_tells_nothing(storage_url: str) -> None:
         tell_trials(study, [(mine, TrialState.COMPLETE, 1.0), (reaped, TrialState.COMPLETE, 2.0)])
     assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.FAIL]
     assert study.trials[0].values is None
+
+
+def test_params_of_many_trials_in_one_call(storage_url: str) -> None:
+    study = optuna.create_study(storage=open_storage(storage_url), study_name="params")
+    a, b = study.ask(), study.ask()
+    x = optuna.distributions.FloatDistribution(0.0, 1.0)
+    kind = optuna.distributions.CategoricalDistribution(["standard", "gaussian"])
+    set_params_many(study._storage, [(a._trial_id, "x", 0.25, x), (a._trial_id, "kind", 1, kind)])
+    set_params_many(study._storage, [(b._trial_id, "x", 0.75, x), (b._trial_id, "kind", 0, kind)])
+    reread = optuna.load_study(study_name="params", storage=storage_url).trials
+    assert [t.params for t in reread] == [
+        {"x": 0.25, "kind": "gaussian"},
+        {"x": 0.75, "kind": "standard"},
+    ]
+    c, done = study.ask(), study.ask()
+    study.tell(done, 1.0)
+    with pytest.raises(ValueError, match="Cannot set different distribution kind"):
+        set_params_many(study._storage, [(c._trial_id, "x", 1, kind)])  # x was a float
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        set_params_many(study._storage, [(c._trial_id, "x", 0.5, x), (done._trial_id, "y", 1, x)])
+    assert [t.params for t in study.trials[2:]] == [{}, {}]
