@@ -308,6 +308,9 @@ def _storage_class() -> Any:
         def set_trials_user_attrs(self: Any, attrs: dict[int, dict[str, Any]]) -> None:
             retry_outage(lambda: _write_user_attrs(self, attrs), "set_trials_user_attrs")
 
+        def record_heartbeats(self: Any, trial_ids: list[int]) -> None:
+            retry_outage(lambda: _write_heartbeats(self, trial_ids), "record_heartbeats")
+
         def set_trials_params(self: Any, rows: list[tuple[Any, ...]]) -> None:
             retry_outage(lambda: _write_params(self, rows), "set_trials_params")
 
@@ -332,6 +335,7 @@ def _storage_class() -> Any:
                 "set_trials_user_attrs": set_trials_user_attrs,
                 "set_trials_state_values": set_trials_state_values,
                 "set_trials_params": set_trials_params,
+                "record_heartbeats": record_heartbeats,
                 "set_trials_intermediate_values": set_trials_intermediate_values,
             },
         )
@@ -450,6 +454,29 @@ def _write_state_values(storage: Any, outcomes: list[tuple[int, Any, list[float]
         for trial_id, state, _ in outcomes:  # Optuna's own setters (its datetime convention)
             found[trial_id].state = state
             found[trial_id].datetime_complete = now
+
+
+def _write_heartbeats(storage: Any, trial_ids: list[int]) -> None:
+    """``record_heartbeat`` for several trials in one transaction (a population round beats
+    for P trials at once): one read of the existing beats, one update, one insert."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    import sqlalchemy
+
+    model: Any = models.TrialHeartbeatModel
+    ids = sorted(set(trial_ids))
+    if not ids:
+        return
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        beating = {
+            trial_id
+            for (trial_id,) in session.query(model.trial_id).filter(model.trial_id.in_(ids))
+        }
+        if beating:
+            session.query(model).filter(model.trial_id.in_(sorted(beating))).update(
+                {model.heartbeat: sqlalchemy.func.current_timestamp()}, synchronize_session=False
+            )
+        session.add_all([model(trial_id=trial_id) for trial_id in ids if trial_id not in beating])
 
 
 def _write_params(storage: Any, rows: list[tuple[Any, ...]]) -> None:

@@ -78,9 +78,15 @@ def _heartbeats(study: optuna.Study, trials: list[optuna.Trial], interval: int) 
         return
     stop = threading.Event()
 
+    batch = getattr(getattr(storage, "_backend", None), "record_heartbeats", None)
+
     def beat() -> None:
-        for trial in trials:
+        if batch is not None:  # one transaction for the whole round
             with contextlib.suppress(Exception):  # a missed beat is retried next interval
+                batch([trial._trial_id for trial in trials])
+            return
+        for trial in trials:
+            with contextlib.suppress(Exception):
                 record(trial._trial_id)
 
     beat()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+import time
 from typing import Any
 
 import optuna
@@ -269,3 +270,23 @@ def test_params_of_many_trials_in_one_call(storage_url: str) -> None:
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         set_params_many(study._storage, [(c._trial_id, "x", 0.5, x), (done._trial_id, "y", 1, x)])
     assert [t.params for t in study.trials[2:]] == [{}, {}]
+
+
+def test_heartbeats_of_many_trials_keep_them_alive(storage_url: str) -> None:
+    """One transaction beats for a round: beaten trials stay RUNNING past the grace period of
+    an unbeaten one, which goes stale; beating again moves the stored time forward."""
+    storage = open_storage(storage_url, heartbeat_interval=1, grace_period=2, retry_stale=False)
+    study = optuna.create_study(storage=storage, study_name="beats")
+    beaten, idle = [study.ask(), study.ask()], study.ask()
+    ids = [t._trial_id for t in beaten]
+    backend = study._storage._backend
+    backend.record_heartbeats([*ids, idle._trial_id])  # the first beat inserts the rows
+    backend.record_heartbeats([])
+    first = backend._get_stale_trial_ids(study._study_id)
+    assert first == []
+    for _ in range(4):  # past the grace period, beating only two of the three
+        time.sleep(1.1)
+        backend.record_heartbeats(ids)
+    assert backend._get_stale_trial_ids(study._study_id) == [idle._trial_id]
+    optuna.storages.fail_stale_trials(study)
+    assert [t.state for t in study.trials] == [TrialState.RUNNING] * 2 + [TrialState.FAIL]
