@@ -30,6 +30,7 @@ __all__ = [
     "MASK",
     "MaskingFilter",
     "check_url",
+    "create_trials",
     "creation_race",
     "default_url",
     "engine_kwargs",
@@ -308,6 +309,9 @@ def _storage_class() -> Any:
         def set_trials_user_attrs(self: Any, attrs: dict[int, dict[str, Any]]) -> None:
             retry_outage(lambda: _write_user_attrs(self, attrs), "set_trials_user_attrs")
 
+        def create_new_trials(self: Any, study_id: int, count: int) -> list[Any]:
+            return retry_outage(lambda: _create_trials(self, study_id, count), "create_new_trials")
+
         def record_heartbeats(self: Any, trial_ids: list[int]) -> None:
             retry_outage(lambda: _write_heartbeats(self, trial_ids), "record_heartbeats")
 
@@ -336,6 +340,7 @@ def _storage_class() -> Any:
                 "set_trials_state_values": set_trials_state_values,
                 "set_trials_params": set_trials_params,
                 "record_heartbeats": record_heartbeats,
+                "create_new_trials": create_new_trials,
                 "set_trials_intermediate_values": set_trials_intermediate_values,
             },
         )
@@ -454,6 +459,60 @@ def _write_state_values(storage: Any, outcomes: list[tuple[int, Any, list[float]
         for trial_id, state, _ in outcomes:  # Optuna's own setters (its datetime convention)
             found[trial_id].state = state
             found[trial_id].datetime_complete = now
+
+
+def _create_trials(storage: Any, study_id: int, count: int) -> list[Any]:
+    """``count`` new RUNNING trials of ``study_id`` in one transaction, numbered under the
+    study's lock as Optuna's ``create_new_trial`` numbers one; their ``FrozenTrial``."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import FrozenTrial
+
+    with _create_scoped_session(storage.scoped_session) as session:
+        models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+        made = [storage._get_prepared_new_trial(study_id, None, session) for _ in range(count)]
+        return [
+            FrozenTrial(
+                number=trial.number,
+                state=trial.state,
+                value=None,
+                values=None,
+                datetime_start=trial.datetime_start,
+                datetime_complete=None,
+                params={},
+                distributions={},
+                user_attrs={},
+                system_attrs={},
+                intermediate_values={},
+                trial_id=trial.trial_id,
+            )
+            for trial in made
+        ]
+
+
+def create_trials(storage: Any, study_id: int, count: int) -> list[Any]:
+    """``count`` new RUNNING trials of a study, created in one transaction when ``storage``
+    is droptune's behind Optuna's cache (registered in that cache as its ``create_new_trial``
+    does); their ``FrozenTrial`` (empty: no params or attributes yet). Elsewhere one
+    ``create_new_trial`` each."""
+    from optuna.trial import FrozenTrial
+
+    batch = getattr(getattr(storage, "_backend", None), "create_new_trials", None)
+    register = getattr(storage, "_add_trials_to_cache", None)
+    if batch is None or register is None or not hasattr(storage, "_studies"):
+        made = []
+        for _ in range(count):
+            trial_id = storage.create_new_trial(study_id)
+            made.append(storage.get_trial(trial_id))
+        return made
+    frozen: list[FrozenTrial] = batch(study_id, count)
+    with storage._lock:
+        if study_id not in storage._studies:
+            from optuna.storages._cached_storage import _StudyInfo
+
+            storage._studies[study_id] = _StudyInfo()
+        register(study_id, frozen)
+    return frozen
 
 
 def _write_heartbeats(storage: Any, trial_ids: list[int]) -> None:

@@ -36,6 +36,7 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
+from droptune.storage import create_trials
 from droptune.storage import report_values
 from droptune.storage import set_params_many
 from droptune.storage import set_user_attrs
@@ -127,15 +128,21 @@ def population_round(
     view = copy.copy(study)  # the round's trials suggest through the buffer
     view._storage = params  # type: ignore[assignment]
     members: list[Member] = []
-    for slot, trial in zip(slots, _ask(view, len(slots)), strict=True):
-        bind(slot, trial)
-        try:
-            config, _ = objective.config_for(trial)
-        except Exception as exc:  # a config the search produced but droptune refuses
-            params.flush([trial._trial_id])  # the suggestions that led to it are kept
-            _fail(objective, trial, exc)
-            continue
-        members.append(Member(slot, trial, config))
+    asked: list[optuna.Trial] = []
+    try:
+        for slot, trial in zip(slots, _ask(view, len(slots)), strict=True):
+            asked.append(trial)
+            bind(slot, trial)
+            try:
+                config, _ = objective.config_for(trial)
+            except Exception as exc:  # a config the search produced but droptune refuses
+                params.flush([trial._trial_id])  # the suggestions that led to it are kept
+                _fail(objective, trial, exc)
+                continue
+            members.append(Member(slot, trial, config))
+    except BaseException as exc:  # interrupted while asking: no created trial stays RUNNING
+        _abandon(objective, study, asked, params.unclaimed(), exc)
+        raise
     spec = objective.spec
     try:
         params.flush()
@@ -162,6 +169,24 @@ class _ParamBuffer:
         self._storage = storage
         self._rows: list[tuple[int, str, float, Any]] = []
         self._buffering = True
+        self._fresh: dict[int, optuna.trial.FrozenTrial] = {}
+
+    def create_trials(self, study_id: int, count: int) -> list[int]:
+        """``count`` new trials in one transaction; the first ``get_trial`` of each (made
+        by ``optuna.Trial`` when it wraps the id) is answered without a read."""
+        made = create_trials(self._storage, study_id, count)
+        self._fresh.update((t._trial_id, t) for t in made)
+        return [t._trial_id for t in made]
+
+    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
+        fresh = self._fresh.pop(trial_id, None)
+        if fresh is not None:
+            return fresh
+        return self._storage.get_trial(trial_id)
+
+    def unclaimed(self) -> list[int]:
+        """Trials created for the round that no ``optuna.Trial`` has wrapped yet."""
+        return list(self._fresh)
 
     def set_trial_param(self, trial_id: int, name: str, internal: float, dist: Any) -> None:
         if not self._buffering:
@@ -250,13 +275,19 @@ def _ask(study: optuna.Study, count: int) -> Iterator[optuna.Trial]:
             for _ in range(count):
                 yield study.ask()
         return
+    buffer = study._storage if isinstance(study._storage, _ParamBuffer) else None
+    fresh: Iterator[int] = iter(())
     waiting = True
-    for _ in range(count):
+    for left in range(count, 0, -1):
         local.cached_all_trials = None  # as ``ask`` does: samplers see the latest trials
         trial_id = pop() if waiting else None
         if trial_id is None:
+            if waiting and buffer is not None:  # the rest of the round in one transaction
+                fresh = iter(buffer.create_trials(study._study_id, left))
             waiting = False
-            trial_id = study._storage.create_new_trial(study._study_id)
+            trial_id = next(fresh, None)
+            if trial_id is None:
+                trial_id = study._storage.create_new_trial(study._study_id)
         yield optuna.Trial(study, trial_id)
 
 
@@ -468,6 +499,27 @@ def _data(objective: Objective, group: list[Member]) -> Any:
     datamodule = config.build_datamodule()
     objective.population_data = (key, datamodule)
     return datamodule
+
+
+def _abandon(
+    objective: Objective,
+    study: optuna.Study,
+    asked: list[optuna.Trial],
+    unclaimed: list[int],
+    exc: BaseException,
+) -> None:
+    """Fail the trials of a round interrupted while it was still asking: those already asked
+    (with their runs) and those created for it but not yet asked."""
+    states = trial_states(study)
+    for trial in asked:
+        if states.get(trial.number) == "RUNNING":
+            with contextlib.suppress(Exception):
+                _fail(objective, trial, exc)
+    reason = _failure(exc)["droptune.fail_reason"]
+    for trial_id in unclaimed:
+        with contextlib.suppress(Exception):
+            study._storage.set_trial_user_attr(trial_id, "droptune.fail_reason", reason)
+            study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
 
 def _fail(objective: Objective, trial: optuna.Trial, exc: BaseException) -> None:

@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import TrialState
 import pytest
 
+from droptune.storage import create_trials
 from droptune.storage import open_storage
 from droptune.storage import report_values
 from droptune.storage import set_params_many
@@ -290,3 +291,26 @@ def test_heartbeats_of_many_trials_keep_them_alive(storage_url: str) -> None:
     assert backend._get_stale_trial_ids(study._study_id) == [idle._trial_id]
     optuna.storages.fail_stale_trials(study)
     assert [t.state for t in study.trials] == [TrialState.RUNNING] * 2 + [TrialState.FAIL]
+
+
+def test_trials_created_at_once_are_numbered_and_seen_like_asked_ones(storage_url: str) -> None:
+    study = optuna.create_study(storage=open_storage(storage_url), study_name="created")
+    study.ask()
+    made = create_trials(study._storage, study._study_id, 3)
+    assert [t.number for t in made] == [1, 2, 3]
+    assert all(t.state == TrialState.RUNNING and t.params == {} for t in made)
+    assert study.ask().number == 4
+    trial = optuna.Trial(study, made[1]._trial_id)
+    trial.suggest_float("x", 0.0, 1.0)
+    study.tell(trial, 1.0)
+    reread = optuna.load_study(study_name="created", storage=storage_url).trials
+    assert [t.number for t in reread] == [0, 1, 2, 3, 4]
+    assert [t.state.name for t in reread] == [
+        "RUNNING",
+        "RUNNING",
+        "COMPLETE",
+        "RUNNING",
+        "RUNNING",
+    ]
+    assert reread[2].params.keys() == {"x"}
+    assert create_trials(optuna.create_study()._storage, 0, 2)[1].number == 1  # in memory

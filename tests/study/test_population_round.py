@@ -1,0 +1,96 @@
+"""One population round in process, on a real SQLite study: the batched bookkeeping records
+what Optuna's own calls would (params, attributes, reports, states), an enqueued trial is
+taken first, and a round broken off while asking or while training leaves no trial RUNNING."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+
+from droptune.storage import open_storage
+from droptune.study.objective import Objective
+from droptune.study.population import population_round
+from droptune.study.spec import spec_from_dict
+from tests.study.helpers import TINY
+from tests.study.helpers import merge
+
+
+SEARCH = {
+    "regularization.dropout.kind": {"choices": ["standard"]},
+    "regularization.dropout.hidden_rate": {"low": 0.0, "high": 0.5},
+    "regularization.l2.strength": {"low": 1.0e-6, "high": 1.0e-2, "log": True},
+}
+
+
+def _study(tmp_path: Path, **extra: Any) -> tuple[optuna.Study, Objective]:
+    spec = spec_from_dict(merge(TINY, {"search": SEARCH, "train": {"max_epochs": 3}, **extra}))
+    study = optuna.create_study(
+        storage=open_storage(f"sqlite:///{tmp_path / 'round.db'}"),
+        study_name="round",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0),
+    )
+    return study, Objective(spec, worker="test")
+
+
+def test_a_round_records_every_member_as_optuna_would(tmp_path: Path) -> None:
+    study, objective = _study(tmp_path)
+    study.enqueue_trial({"regularization.dropout.hidden_rate": 0.25})
+    bound: dict[int, int] = {}
+
+    def bind(slot: int, trial: optuna.Trial) -> None:
+        bound[slot] = trial.number
+
+    numbers = population_round(study, objective, [0, 1, 2, 3], bind, lambda: None)
+    assert numbers == [0, 1, 2, 3] and bound == {0: 0, 1: 1, 2: 2, 3: 3}
+    trials = study.get_trials()
+    assert trials[0].params["regularization.dropout.hidden_rate"] == 0.25  # enqueued: first
+    for trial in trials:
+        assert trial.state.name in ("COMPLETE", "PRUNED")
+        assert set(trial.params) == set(SEARCH)
+        history = trial.user_attrs["droptune.history"]
+        assert trial.user_attrs["droptune.epochs"] == len(history)
+        assert trial.user_attrs["droptune.population"] == 4
+        assert trial.user_attrs["droptune.worker"] == "test"
+        assert trial.intermediate_values == {
+            i: pytest.approx(row["val_loss"], abs=1e-6) for i, row in enumerate(history)
+        }
+        assert trial.datetime_complete is not None
+        if trial.state.name == "COMPLETE":
+            assert trial.value == pytest.approx(min(r["val_loss"] for r in history), abs=1e-6)
+    # a second round asks on: numbers go on from the first round's
+    assert population_round(study, objective, [0, 1], lambda s, t: None, lambda: None) == [4, 5]
+
+
+def test_a_round_broken_off_while_asking_fails_every_created_trial(tmp_path: Path) -> None:
+    study, objective = _study(tmp_path)
+
+    def bind(slot: int, trial: optuna.Trial) -> None:
+        if slot == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        population_round(study, objective, [0, 1, 2, 3], bind, lambda: None)
+    trials = study.get_trials()
+    assert len(trials) == 4  # created in one transaction for the round
+    assert [t.state.name for t in trials] == ["FAIL"] * 4
+    assert all("KeyboardInterrupt" in t.user_attrs["droptune.fail_reason"] for t in trials)
+
+
+def test_a_round_broken_off_while_training_fails_its_members(tmp_path: Path) -> None:
+    study, objective = _study(tmp_path)
+
+    def check_stop() -> None:
+        raise KeyboardInterrupt("interrupted")
+
+    with pytest.raises(KeyboardInterrupt):
+        population_round(study, objective, [0, 1, 2], lambda s, t: None, check_stop)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL"] * 3
+    for trial in trials:
+        assert "KeyboardInterrupt: interrupted" in trial.user_attrs["droptune.fail_reason"]
+        assert set(trial.params) == set(SEARCH)  # suggested before training, kept
+        assert trial.user_attrs["droptune.seed"] is not None
