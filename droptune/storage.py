@@ -673,7 +673,7 @@ def report_values(reports: list[tuple[Any, float, int]]) -> None:
         trial._cached_frozen_trial.intermediate_values[step] = value
 
 
-def tell_trials(study: Any, outcomes: list[tuple[Any, Any, Any]]) -> None:
+def tell_trials(study: Any, outcomes: list[tuple[Any, Any, Any]]) -> list[list[float] | None]:
     """``study.tell(trial, values, state=state)`` for every ``(trial, state, values)``, with
     the states and values of all trials written in one transaction when the storage is
     droptune's (Optuna's ``tell`` costs two full reads of the trial and a transaction each).
@@ -682,17 +682,18 @@ def tell_trials(study: Any, outcomes: list[tuple[Any, Any, Any]]) -> None:
     the trial's last reported value as its value when it is one; ``FAIL`` has none; the
     sampler's ``after_trial`` sees each trial before the write. If a trial can no longer be
     told (it finished meanwhile), nothing is written and Optuna's
-    ``UpdateFinishedTrialError`` is raised."""
+    ``UpdateFinishedTrialError`` is raised.
+
+    Returns:
+        The values recorded for each trial (None where it has none)."""
     import optuna
     from optuna.trial import TrialState
 
     if not outcomes:
-        return
+        return []
     batch = getattr(getattr(study._storage, "_backend", None), "set_trials_state_values", None)
     if batch is None:
-        for trial, state, values in outcomes:
-            study.tell(trial, values, state=state)
-        return
+        return [study.tell(trial, values, state=state).values for trial, state, values in outcomes]
     study._thread_local.cached_all_trials = None  # as ``tell``: the cache held one trial's view
     checked: list[tuple[Any, Any, list[float] | None]] = []
     for trial, state, values in outcomes:
@@ -724,6 +725,7 @@ def tell_trials(study: Any, outcomes: list[tuple[Any, Any, Any]]) -> None:
         frozen = trial._get_latest_trial()
         study.sampler.after_trial(filter_study(study, frozen), frozen, state, told)
     batch([(trial._trial_id, state, told) for trial, state, told in checked])
+    return [told for _, _, told in checked]
 
 
 def _feasible(study: Any, number: int, values: Any) -> list[float] | None:

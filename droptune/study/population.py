@@ -431,9 +431,9 @@ def _end(objective: Objective, group: list[Member], results: list[Any]) -> None:
             continue
         outcomes.append((trial, TrialState.COMPLETE, values))
     set_user_attrs_many(records)
-    tell_trials(group[0].trial.study, outcomes)
-    for member in group:
-        _write_run(objective, member.trial, member.config)
+    told = tell_trials(group[0].trial.study, outcomes)
+    for member, outcome, recorded in zip(group, outcomes, told, strict=True):
+        _write_run(objective, member.trial, member.config, outcome[1], recorded)
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
@@ -469,21 +469,30 @@ def _fail_members(objective: Objective, members: list[Member], exc: BaseExceptio
             with contextlib.suppress(Exception):
                 study.tell(trial, state=TrialState.FAIL)
     for member in members:
-        _write_run(objective, member.trial, member.config)
+        _write_run(objective, member.trial, member.config, TrialState.FAIL, None)
 
 
-def _write_run(objective: Objective, trial: optuna.Trial, config: TrainConfig) -> None:
+def _write_run(
+    objective: Objective,
+    trial: optuna.Trial,
+    config: TrainConfig,
+    state: TrialState,
+    values: list[float] | None,
+) -> None:
     """Complete the told trial's MLflow run in the background (its params, tags, per-epoch
-    metrics and final status), while the worker goes on with the next round."""
+    metrics and final status), while the worker goes on with the next round. The run is
+    written from the trial's own up-to-date copy (every write of the round went through it),
+    with the state and values it was told, not from another read of the trial."""
     writer, tracking = objective.tracking_writer(), objective.tracking
     if writer is None or tracking is None:
         return
-    study, trial_id, data = trial.study, trial._trial_id, config.to_dict()
+    import datetime
 
-    def job() -> None:
-        tracking.trial_finished(study, study._storage.get_trial(trial_id), data)
-
-    writer.submit(job)
+    frozen = copy.deepcopy(trial._cached_frozen_trial)
+    frozen.state, frozen.values = state, values
+    frozen.datetime_complete = datetime.datetime.now()
+    study, data = trial.study, config.to_dict()
+    writer.submit(lambda: tracking.trial_finished(study, frozen, data))
 
 
 def _data(objective: Objective, group: list[Member]) -> Any:
