@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device session: the CUDA tests, then the reference throughput benchmark, everything
 # written under $OUT (a run cut short keeps what it measured). Run from the repository root on
-# a GPU machine whose Python lacks droptune's dependencies: they come as wheels in .whl/.
+# a GPU machine whose Python lacks droptune's dependencies: they come as wheels in .whl/
+# (bench/gpu-wheels.txt lists them and says how to fetch them).
 #   bash bench/gpu_session.sh            (OUT defaults to ./gpu-out)
+#   TEST_LIMIT=150 BENCH_LIMIT=380 bash bench/gpu_session.sh   (seconds for each part)
 set -u -o pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
