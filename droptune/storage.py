@@ -347,6 +347,21 @@ def _storage_class() -> Any:
     return _STORAGE_CLASS
 
 
+def _batch(storage: Any, name: str) -> Any:
+    """droptune's batch method ``name`` of the RDB storage behind ``storage`` (Optuna's cache
+    or the storage itself), or None where the storage is not droptune's."""
+    return getattr(getattr(storage, "_backend", storage), name, None)
+
+
+def _check_updatable(storage: Any, ids: list[int], states: dict[int, Any]) -> None:
+    """Raise as Optuna does unless every trial of ``ids`` is in ``states`` (it exists) and
+    may still be written."""
+    for trial_id in ids:
+        if trial_id not in states:
+            raise KeyError(f"No trial with trial_id {trial_id} exists.")
+        storage.check_trial_is_updatable(trial_id, states[trial_id])
+
+
 def _updatable(storage: Any, session: Any, ids: list[int], lock: bool = False) -> None:
     """Raise as Optuna does unless every trial of ``ids`` exists and is still RUNNING (or
     WAITING): one query for all of them (``lock``: ``FOR UPDATE`` where the database has it).
@@ -358,11 +373,7 @@ def _updatable(storage: Any, session: Any, ids: list[int], lock: bool = False) -
     query = session.query(trials.trial_id, trials.state).filter(trials.trial_id.in_(ids))
     if lock:
         query = query.with_for_update()
-    states = dict(query.all())
-    for trial_id in ids:
-        if trial_id not in states:
-            raise KeyError(f"No trial with trial_id {trial_id} exists.")
-        storage.check_trial_is_updatable(trial_id, states[trial_id])
+    _check_updatable(storage, ids, dict(query.all()))
 
 
 def _upsert(session: Any, model: Any, rows: list[dict[str, Any]], keys: list[Any]) -> None:
@@ -434,10 +445,7 @@ def _write_state_values(storage: Any, outcomes: list[tuple[int, Any, list[float]
             t.trial_id: t
             for t in session.query(model).filter(model.trial_id.in_(ids)).with_for_update()
         }
-        for trial_id in ids:
-            if trial_id not in found:
-                raise KeyError(f"No trial with trial_id {trial_id} exists.")
-            storage.check_trial_is_updatable(trial_id, found[trial_id].state)
+        _check_updatable(storage, ids, {trial_id: t.state for trial_id, t in found.items()})
         rows = [
             {
                 "trial_id": trial_id,
@@ -453,8 +461,11 @@ def _write_state_values(storage: Any, outcomes: list[tuple[int, Any, list[float]
         if rows and _bulk(storage):
             _upsert(session, values, rows, [values.trial_id, values.objective])
         elif rows:
-            for row in rows:
-                session.merge(values(**row))
+            for trial_id, _, told in outcomes:
+                for objective, value in enumerate(told or []):
+                    storage._set_trial_value_without_commit(
+                        session, found[trial_id], objective, value
+                    )
         now = datetime.now()
         for trial_id, state, _ in outcomes:  # Optuna's own setters (its datetime convention)
             found[trial_id].state = state
@@ -497,7 +508,7 @@ def create_trials(storage: Any, study_id: int, count: int) -> list[Any]:
     ``create_new_trial`` each."""
     from optuna.trial import FrozenTrial
 
-    batch = getattr(getattr(storage, "_backend", None), "create_new_trials", None)
+    batch = _batch(storage, "create_new_trials")
     register = getattr(storage, "_add_trials_to_cache", None)
     if batch is None or register is None or not hasattr(storage, "_studies"):
         made = []
@@ -559,7 +570,7 @@ def set_params_many(storage: Any, rows: list[tuple[int, str, float, Any]]) -> No
     row, in one transaction when ``storage`` is droptune's behind Optuna's cache (a trial's
     suggestions are one transaction each otherwise). The cache's record of each param's
     distribution is used and kept, as its own ``set_trial_param`` does."""
-    batch = getattr(getattr(storage, "_backend", None), "set_trials_params", None)
+    batch = _batch(storage, "set_trials_params")
     studies = getattr(storage, "_studies", None)
     owners = getattr(storage, "_trial_id_to_study_id_and_number", None)
     if batch is None or studies is None or owners is None:
@@ -583,7 +594,7 @@ def set_user_attrs_many(attrs: list[tuple[Any, dict[str, Any]]]) -> None:
     if not attrs:
         return
     storage = attrs[0][0].study._storage
-    batch = getattr(getattr(storage, "_backend", storage), "set_trials_user_attrs", None)
+    batch = _batch(storage, "set_trials_user_attrs")
     if batch is None:
         for trial, items in attrs:
             for key, value in items.items():
@@ -662,7 +673,7 @@ def report_values(reports: list[tuple[Any, float, int]]) -> None:
             continue  # Optuna keeps the first value reported for a step
         checked.append((trial, number, int(step)))
     storage = reports[0][0].study._storage
-    batch = getattr(getattr(storage, "_backend", storage), "set_trials_intermediate_values", None)
+    batch = _batch(storage, "set_trials_intermediate_values")
     if batch is None:
         for trial, value, step in checked:
             trial.report(value, step)
@@ -691,7 +702,7 @@ def tell_trials(study: Any, outcomes: list[tuple[Any, Any, Any]]) -> list[list[f
 
     if not outcomes:
         return []
-    batch = getattr(getattr(study._storage, "_backend", None), "set_trials_state_values", None)
+    batch = _batch(study._storage, "set_trials_state_values")
     if batch is None:
         return [study.tell(trial, values, state=state).values for trial, state, values in outcomes]
     study._thread_local.cached_all_trials = None  # as ``tell``: the cache held one trial's view

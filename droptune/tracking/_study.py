@@ -22,6 +22,7 @@ from droptune.exceptions import TrackingError
 from droptune.storage import MASK
 from droptune.storage import engine_kwargs
 from droptune.storage import mask_url
+from droptune.storage import set_user_attrs
 from droptune.tracking._client import ERROR_ATTR
 from droptune.tracking._client import PARENT_ATTR
 from droptune.tracking._client import RUN_ID_ATTR
@@ -272,17 +273,11 @@ class StudyTracking:
         """Create the trial's RUNNING child run and link it both ways."""
         if not self.enabled:
             return
-        started = time.perf_counter()
+        linked = self.start_runs(study, [(trial.number, trial.user_attrs)])[trial.number]
         try:
-            parent = self.parent_run_id(study)
-            run_id = self.tracker.start_trial_run(
-                parent, trial.number, self._start_tags(trial.user_attrs)
-            )
-            trial.set_user_attr(RUN_ID_ATTR, run_id)
+            set_user_attrs(trial, linked)
         except Exception as exc:
             self._record_error(trial, exc, "start")
-        finally:
-            self._spent[trial.number] = time.perf_counter() - started
 
     def start_runs(
         self, study: optuna.Study, trials: list[tuple[int, dict[str, Any]]]
