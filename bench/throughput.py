@@ -47,6 +47,9 @@ from typing import Any
 
 import yaml
 
+from droptune.timing import CATEGORIES
+from droptune.timing import summarize
+
 
 SCALES: dict[str, dict[str, Any]] = {
     "cpu": {
@@ -215,8 +218,10 @@ def droptune_mode(
     tmp: Path,
     args: list[str],
     pruner: str = "none",
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """(b)-(d): ``droptune run`` in a subprocess, timed end to end."""
+    """(b)-(d): ``droptune run`` in a subprocess, timed end to end, with the mean time per
+    trial by category that the trials recorded (``droptune.timing``)."""
     import optuna
 
     spec = make_spec(scale, name, n_trials, device, tmp, pruner)
@@ -232,6 +237,7 @@ def droptune_mode(
     done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     acc = [float(t.value) for t in done if t.value is not None]
     tracking = [float(t.user_attrs.get("droptune.tracking_seconds", 0.0)) for t in done]
+    spent = summarize(t.user_attrs for t in done)
     first = min(t.datetime_start for t in done if t.datetime_start)
     last = max(t.datetime_complete for t in done if t.datetime_complete)
     return {
@@ -240,6 +246,8 @@ def droptune_mode(
         "busy": (last - first).total_seconds(),
         "acc": acc,
         "tracking": tracking,
+        "timing": spent,
+        "workers": workers,
     }
 
 
@@ -346,7 +354,34 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
             f"{statistics.mean(acc):.4f} ± {spread:.4f} | "
             f"{'-' if util is None else f'{util:.0f}%'} |"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *overhead_table(rows)])
+
+
+def overhead_table(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Per-trial time of the droptune modes by category (what each trial recorded in
+    ``droptune.timing``; a population's time shared among its members), against the wall
+    time per trial of one worker (busy time × workers / trials): the rest is the worker's
+    loop outside the trials (claiming slots, Optuna's ask in process mode, the tell)."""
+    timed = [(mode, row) for mode, row in rows.items() if row.get("timing")]
+    if not timed:
+        return []
+    keys = (*CATEGORIES, "total")
+    head = ["setup", "train", "storage", "MLflow", "other", "in trial"]
+    lines = [
+        "ms per trial, mean (a population's time shared among its members); per worker: "
+        "busy time × workers / trials; outside: the worker's loop between trials (slots, "
+        "ask, tell)",
+        "",
+        "| mode | per worker | " + " | ".join(head) + " | outside |",
+        "|---|" + "---:|" * (len(head) + 2),
+    ]
+    for mode, row in sorted(timed, key=lambda item: item[0][:3]):
+        spent = row["timing"]
+        per_worker = 1000 * row["busy"] * row.get("workers", 1) / row["trials"]
+        cells = [f"{1000 * spent[key]:.1f}" for key in keys]
+        outside = per_worker - 1000 * spent["total"]
+        lines.append(f"| {mode} | {per_worker:.1f} | " + " | ".join(cells) + f" | {outside:.1f} |")
+    return lines
 
 
 NAIVE = "(a) naive Optuna + Lightning"
@@ -386,13 +421,14 @@ def main() -> None:
 
     # the rows the targets compare first (baseline, best packed, populations), so that a run
     # cut short still has them; the 1-worker row last
-    plan: list[tuple[str, str, int, list[str] | None]] = [
-        (NAIVE, "naive", counts["naive"], None),
+    plan: list[tuple[str, str, int, list[str] | None, int]] = [
+        (NAIVE, "naive", counts["naive"], None, 1),
         (
             f"(c) droptune run, {args.packed} packed workers",
             "packed",
             counts["packed"],
             spread(args.packed),
+            args.packed,
         ),
     ]
     for p in populations:
@@ -400,23 +436,25 @@ def main() -> None:
             # at least two rounds per worker, so that the steady state is measured
             n = max(counts["population"], 2 * p * w)
             label = f"(d) droptune run --population {p}" + (f", {w} workers" if w > 1 else "")
-            plan.append((label, f"pop{p}w{w}", n, ["--population", str(p), *spread(w)]))
+            plan.append((label, f"pop{p}w{w}", n, ["--population", str(p), *spread(w)], w))
     if args.pure:
         label = f"(e) train_population alone, P={args.pure} (no storage, no tracking)"
-        plan.append((label, "pure", args.pure, []))
-    plan.append(("(b) droptune run, 1 worker", "run1", counts["run"], ["--workers", "1"]))
+        plan.append((label, "pure", args.pure, [], 1))
+    plan.append(("(b) droptune run, 1 worker", "run1", counts["run"], ["--workers", "1"], 1))
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         print(f"scale {args.scale}, device {args.device}", flush=True)
-        for label, name, n, cli in plan:
+        for label, name, n, cli, workers in plan:
             with GpuSampler(gpu) as sampler:
                 if cli is None:
                     row = naive(args.scale, n, args.device)
                 elif name == "pure":
                     row = pure(args.scale, n, args.device)
                 else:
-                    row = droptune_mode(args.scale, name, n, args.device, tmp, cli, args.pruner)
+                    row = droptune_mode(
+                        args.scale, name, n, args.device, tmp, cli, args.pruner, workers
+                    )
             row["gpu_util"] = sampler.mean
             rows[label] = row
             rate = 60 * row["trials"] / row["busy"]

@@ -202,6 +202,8 @@ def run(
     typer.echo(
         "trials: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(summary.counts.items()))
     )
+    if summary.timing is not None:
+        typer.echo(summary.timing)
     if summary.best_params is not None:
         typer.echo(f"best value: {summary.best_value}")
         for key, value in summary.best_params.items():
@@ -299,6 +301,7 @@ def status(
     from droptune.storage import open_storage
     from droptune.study.runner import counts_by_state
     from droptune.study.runner import reap_trials
+    from droptune.study.runner import timing_summary
     from droptune.study.runner import with_heartbeat
 
     url = _require_storage(storage)
@@ -316,6 +319,9 @@ def status(
         )
         if reaped:
             typer.echo(f"  failed {reaped} stale trial(s) whose worker stopped beating")
+        spent = timing_summary(opened)
+        if spent is not None:
+            typer.echo(f"  {spent}")
         try:
             best = opened.best_trial if len(opened.directions) == 1 else opened.best_trials[0]
             typer.echo(f"  best: trial {best.number} value {best.values}")

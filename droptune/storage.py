@@ -24,6 +24,7 @@ import warnings
 
 from droptune.exceptions import SpecError
 from droptune.exceptions import StorageError
+from droptune.timing import timed
 
 
 __all__ = [
@@ -253,7 +254,13 @@ _PERMANENT = (
 
 
 def retry_outage(call: Any, what: str, outage_s: float = OUTAGE_S) -> Any:
-    """``call()``, retried with backoff while the database is unreachable, up to ``outage_s``."""
+    """``call()``, retried with backoff while the database is unreachable, up to ``outage_s``
+    (the whole time counted as ``storage`` by :mod:`droptune.timing`)."""
+    with timed("storage"):
+        return _retrying(call, what, outage_s)
+
+
+def _retrying(call: Any, what: str, outage_s: float) -> Any:
     deadline = time.monotonic() + outage_s
     delay = 0.5
     warned = False

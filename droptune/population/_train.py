@@ -38,6 +38,7 @@ from droptune.population._networks import build_population
 from droptune.population._optim import StackedOptimizer
 from droptune.population._optim import stacked_max_norm_
 from droptune.population._support import population_support
+from droptune.timing import timed
 
 
 __all__ = ["EarlyStopper", "MemberResult", "OnEpoch", "OnEpochs", "train_population"]
@@ -402,7 +403,8 @@ def train_population(
         torch.use_deterministic_algorithms(deterministic or previous)
         with torch.random.fork_rng(devices=forked):
             torch.manual_seed(_mixed_seed(configs))
-            run = _Run(configs, target, data, compact, init)
+            with timed("setup"):  # data to the device, the stacks, the optimizer
+                run = _Run(configs, target, data, compact, init)
             _loop(run, results, stoppers, on_epoch, on_epochs, deadline, started, return_weights)
     finally:
         torch.use_deterministic_algorithms(previous)

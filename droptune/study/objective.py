@@ -15,6 +15,7 @@ import optuna
 import pytorch_lightning as pl
 import torch
 
+from droptune import timing
 from droptune.storage import set_user_attrs
 from droptune.study.space import suggest
 
@@ -156,8 +157,12 @@ class _History(pl.Callback):
             row["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
         self._open = trainer.current_epoch
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        timing.phase("train")
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close(trainer)
+        timing.phase("other")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -217,6 +222,8 @@ class Objective:
         return cfg, params
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        self._clock = timing.snapshot()
+        timing.phase("setup")
         self._history = _History()
         self._config: TrainConfig | None = None
         state, values = "FAIL", None
@@ -238,7 +245,13 @@ class Objective:
             self._record(trial, state, values)
 
     def _record(self, trial: optuna.Trial, state: str, values: Any) -> None:
-        self.record_end(trial, state, values, self._history.rows, self._config)
+        try:
+            self.record_end(trial, state, values, self._history.rows, self._config)
+        finally:
+            # where the trial's time went, its MLflow run included (best effort)
+            timing.phase("other")
+            with contextlib.suppress(Exception):
+                set_user_attrs(trial, {timing.TIMING_ATTR: timing.since(self._clock)})
 
     def record_end(
         self,

@@ -36,6 +36,7 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
+from droptune import timing
 from droptune.storage import create_trials
 from droptune.storage import report_values
 from droptune.storage import set_params_many
@@ -67,6 +68,8 @@ class Member:
     #: What the trial records about its MLflow run (its id, or the tracking error), filled in
     #: by the tracking writer while the round trains.
     linked: dict[str, Any] = field(default_factory=dict)
+    #: The member's share of the round's asking (``droptune.timing``'s categories).
+    asking: dict[str, float] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -124,6 +127,22 @@ def population_round(
     Returns:
         The numbers of the round's trials.
     """
+    clock = timing.snapshot()
+    timing.phase("setup")
+    try:
+        return _round(study, objective, slots, bind, check_stop, clock)
+    finally:
+        timing.phase("other")
+
+
+def _round(
+    study: optuna.Study,
+    objective: Objective,
+    slots: list[int],
+    bind: Callable[[int, optuna.Trial], None],
+    check_stop: Callable[[], None],
+    clock: dict[str, float],
+) -> list[int]:
     params = _ParamBuffer(study._storage)
     view = copy.copy(study)  # the round's trials suggest through the buffer
     view._storage = params  # type: ignore[assignment]
@@ -146,6 +165,9 @@ def population_round(
     spec = objective.spec
     try:
         params.flush()
+        asking = timing.since(clock, share=max(1, len(members)))
+        for member in members:
+            member.asking = asking
         with _heartbeats(study, [m.trial for m in members], spec.execution.heartbeat_interval):
             for group in _groups(members):
                 _train_group(objective, group, check_stop)
@@ -340,6 +362,8 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
     spec = objective.spec
     metrics = spec.study.objectives
     prune = len(metrics) == 1 and spec.pruner.name != "none"
+    clock = timing.snapshot()
+    timing.phase("setup")
     _start(objective, group)
 
     def on_epochs(epoch: int, rows: dict[int, dict[str, float]]) -> list[int]:
@@ -355,13 +379,18 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
         decisions = should_prune(group[0].trial.study, list(reported.values()))
         return [index for index, prune_it in zip(reported, decisions, strict=True) if prune_it]
 
-    results = train_population(
-        [m.config for m in group],
-        on_epochs=on_epochs,
-        datamodule=_data(objective, group),
-        init=spec.execution.population_init,
-    )
-    _end(objective, group, results)
+    data = _data(objective, group)
+    timing.phase("train")
+    try:
+        results = train_population(
+            [m.config for m in group],
+            on_epochs=on_epochs,
+            datamodule=data,
+            init=spec.execution.population_init,
+        )
+    finally:
+        timing.phase("other")
+    _end(objective, group, results, clock)
 
 
 def _start(objective: Objective, group: list[Member]) -> None:
@@ -391,7 +420,9 @@ def _linked(objective: Objective, member: Member) -> dict[str, Any]:
     return {**member.linked, SECONDS_ATTR: round(objective.tracking.spent(member.trial.number), 4)}
 
 
-def _end(objective: Objective, group: list[Member], results: list[Any]) -> None:
+def _end(
+    objective: Objective, group: list[Member], results: list[Any], clock: dict[str, float]
+) -> None:
     """Every member's results and history in one transaction, one tell for all of them, then
     their MLflow runs completed in the background."""
     spec = objective.spec
@@ -399,9 +430,11 @@ def _end(objective: Objective, group: list[Member], results: list[Any]) -> None:
     directions = spec.study.study_directions
     writer = objective.tracking_writer()
     if writer is not None:
-        writer.drain()  # this round's runs exist; the previous round's are written
+        with timing.timed("tracking"):  # the round waits for MLflow
+            writer.drain()  # this round's runs exist; the previous round's are written
     records: list[tuple[optuna.Trial, dict[str, Any]]] = []
     outcomes: list[tuple[optuna.Trial, TrialState, Any]] = []
+    share = timing.since(clock, share=len(group))
     for member, result in zip(group, results, strict=True):
         trial, history = member.trial, result.history
         final = dict(result.metrics)
@@ -411,6 +444,7 @@ def _end(objective: Objective, group: list[Member], results: list[Any]) -> None:
         attrs["droptune.population"] = len(group)
         attrs.update(objective.end_attrs(history))
         attrs.update(_linked(objective, member))
+        attrs[timing.TIMING_ATTR] = timing.add(member.asking, share)
         records.append((trial, attrs))
         if result.pruned:
             attrs["droptune.pruned_at_epoch"] = result.epochs - 1

@@ -40,6 +40,7 @@ __all__ = [
     "plan_workers",
     "reap_trials",
     "run_study",
+    "timing_summary",
     "with_heartbeat",
 ]
 
@@ -60,6 +61,8 @@ class RunSummary:
     interrupted: bool
     finished: bool
     worker_codes: list[int]
+    #: Where the finished trials' time went on average (:func:`droptune.timing.summary_line`).
+    timing: str | None = None
 
 
 def create_study(
@@ -287,8 +290,26 @@ def run_study(
         tracking.study_ended(study, finished)
     best_value, best_params = _best(study)
     return RunSummary(
-        name, mask_url(url), counts, best_value, best_params, interrupted, finished, codes
+        name,
+        mask_url(url),
+        counts,
+        best_value,
+        best_params,
+        interrupted,
+        finished,
+        codes,
+        timing_summary(study),
     )
+
+
+def timing_summary(study: optuna.Study) -> str | None:
+    """The mean time per finished trial by category (None before any trial recorded one)."""
+    from optuna.trial import TrialState
+
+    from droptune.timing import summary_line
+
+    ended = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return summary_line(t.user_attrs for t in ended)
 
 
 def _announce_population(spec: StudySpec, size: int) -> None:

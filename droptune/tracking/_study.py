@@ -23,6 +23,7 @@ from droptune.storage import MASK
 from droptune.storage import engine_kwargs
 from droptune.storage import mask_url
 from droptune.storage import set_user_attrs
+from droptune.timing import timed
 from droptune.tracking._client import ERROR_ATTR
 from droptune.tracking._client import PARENT_ATTR
 from droptune.tracking._client import RUN_ID_ATTR
@@ -289,6 +290,12 @@ class StudyTracking:
         transaction. May run on a background thread."""
         if not self.enabled:
             return {}
+        with timed("tracking"):
+            return self._start_runs(study, trials)
+
+    def _start_runs(
+        self, study: optuna.Study, trials: list[tuple[int, dict[str, Any]]]
+    ) -> dict[int, dict[str, Any]]:
         linked: dict[int, dict[str, Any]] = {}
         for number, user_attrs in trials:
             started = time.perf_counter()
@@ -318,6 +325,16 @@ class StudyTracking:
         ``droptune sync`` (one failure, logged once, per trial)."""
         if not self.enabled:
             return
+        with timed("tracking"):
+            self._trial_ended(trial, state, values, config)
+
+    def _trial_ended(
+        self,
+        trial: optuna.Trial,
+        state: str,
+        values: float | list[float] | None,
+        config: dict[str, Any] | None,
+    ) -> None:
         from optuna.trial import TrialState
 
         started = time.perf_counter()
@@ -356,7 +373,8 @@ class StudyTracking:
             return
         self._spent.pop(frozen.number, None)
         try:
-            self.log_trial(study, frozen, config)
+            with timed("tracking"):
+                self.log_trial(study, frozen, config)
         except Exception as exc:
             self._record_error(_TrialAttrs(self, study, frozen), exc, "finish")
 

@@ -5,6 +5,7 @@ taken first, and a round broken off while asking or while training leaves no tri
 from __future__ import annotations
 
 from pathlib import Path
+import time
 from typing import Any
 
 import optuna
@@ -14,6 +15,8 @@ from droptune.storage import open_storage
 from droptune.study.objective import Objective
 from droptune.study.population import population_round
 from droptune.study.spec import spec_from_dict
+from droptune.timing import CATEGORIES
+from droptune.timing import TIMING_ATTR
 from tests.study.helpers import TINY
 from tests.study.helpers import merge
 
@@ -44,9 +47,21 @@ def test_a_round_records_every_member_as_optuna_would(tmp_path: Path) -> None:
     def bind(slot: int, trial: optuna.Trial) -> None:
         bound[slot] = trial.number
 
+    started = time.perf_counter()
     numbers = population_round(study, objective, [0, 1, 2, 3], bind, lambda: None)
+    wall = time.perf_counter() - started
     assert numbers == [0, 1, 2, 3] and bound == {0: 0, 1: 1, 2: 2, 3: 3}
     trials = study.get_trials()
+    # the round's time, shared by its 4 members: the same share each, adding up to (nearly)
+    # the round's wall time (the tell and the last write come after)
+    shares = [t.user_attrs[TIMING_ATTR] for t in trials]
+    assert all(share == shares[0] for share in shares)
+    share = shares[0]
+    assert set(share) == {*CATEGORIES, "total"}
+    assert share["train"] > 0 and share["setup"] > 0 and share["storage"] > 0
+    assert share["tracking"] == 0.0  # tracking off here
+    assert sum(share[key] for key in CATEGORIES) == pytest.approx(share["total"], abs=1e-3)
+    assert 0.5 * wall < 4 * share["total"] <= wall
     assert trials[0].params["regularization.dropout.hidden_rate"] == 0.25  # enqueued: first
     for trial in trials:
         assert trial.state.name in ("COMPLETE", "PRUNED")

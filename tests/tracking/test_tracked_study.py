@@ -27,6 +27,8 @@ import yaml
 
 from droptune import load_config
 from droptune.exceptions import ConfigError
+from droptune.timing import CATEGORIES
+from droptune.timing import TIMING_ATTR
 from droptune.tracking._client import RUN_ID_ATTR
 from droptune.tracking._study import HISTORY_ATTR
 from droptune.tracking._study import SECONDS_ATTR
@@ -199,6 +201,24 @@ def test_trial_and_run_link_both_ways_and_tracking_overhead_is_recorded(
     assert study.user_attrs["droptune.mlflow_experiment_id"] == tracked.experiment_id
     print(f"tracking seconds per trial: {seconds}")
     assert all(0 < s < 30 for s in seconds)
+
+
+def test_every_trial_records_where_its_time_went_and_run_prints_the_mean(
+    tracked: Tracked,
+) -> None:
+    for trial in trials(tracked.storage, NAME):
+        spent = trial.user_attrs[TIMING_ATTR]
+        assert set(spent) == {*CATEGORIES, "total"}
+        # Trainer and data built, epochs trained, the study written, the run logged
+        for key in ("setup", "train", "storage", "tracking"):
+            assert spent[key] > 0, (trial.number, spent)
+        assert sum(spent[key] for key in CATEGORIES) == pytest.approx(spent["total"], abs=1e-3)
+        # the objective's window lies inside the trial's: asked before, told after
+        assert trial.datetime_start is not None and trial.datetime_complete is not None
+        wall = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        assert spent["total"] <= wall + 0.01, (spent, wall)
+    assert "time per trial (mean of" in tracked.run.stdout
+    assert "MLflow" in tracked.run.stdout
 
 
 def test_parent_run_holds_the_study_artifacts(tracked: Tracked) -> None:
