@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 import pytest
+import sqlalchemy
 
 from droptune.storage import create_trials
 from droptune.storage import open_storage
@@ -273,6 +274,39 @@ def test_params_of_many_trials_in_one_call(storage_url: str) -> None:
     assert [t.params for t in study.trials[2:]] == [{}, {}]
 
 
+def test_params_batch_checks_distributions_it_does_not_know_against_the_database(
+    storage_url: str,
+) -> None:
+    """Without the caller's knowledge of earlier distributions (a new process), the batch
+    checks each name against the study's stored one, or against its own first row, as
+    Optuna's per-param write does; a refused batch writes nothing."""
+    study = optuna.create_study(storage=open_storage(storage_url), study_name="unknown")
+    first, second, third = study.ask(), study.ask(), study.ask()
+    x = optuna.distributions.FloatDistribution(0.0, 1.0)
+    kind = optuna.distributions.CategoricalDistribution(["standard", "gaussian"])
+    backend = study._storage._backend
+    backend.set_trials_params([(first._trial_id, "x", 0.5, x, None)])
+    fresh = open_storage(storage_url)  # knows nothing of x
+    with pytest.raises(ValueError, match="Cannot set different distribution kind"):
+        fresh.set_trials_params(
+            [(second._trial_id, "y", 0.1, x, None), (second._trial_id, "x", 1, kind, None)]
+        )
+    with pytest.raises(ValueError, match="Cannot set different distribution kind"):
+        fresh.set_trials_params(  # a new name: the batch's first row is the reference
+            [(second._trial_id, "z", 0.1, x, None), (third._trial_id, "z", 0, kind, None)]
+        )
+    with pytest.raises(sqlalchemy.exc.IntegrityError):  # (trial, name) is unique, as in Optuna
+        fresh.set_trials_params(
+            [(third._trial_id, "w", 0.2, x, None), (third._trial_id, "w", 0.3, x, None)]
+        )
+    fresh.set_trials_params(
+        [(second._trial_id, "x", 0.75, x, None), (third._trial_id, "z", 0.5, x, None)]
+    )
+    reread = optuna.load_study(study_name="unknown", storage=storage_url).trials
+    assert [t.params for t in reread] == [{"x": 0.5}, {"x": 0.75}, {"z": 0.5}]
+    assert reread[2].distributions == {"z": x}
+
+
 def test_heartbeats_of_many_trials_keep_them_alive(storage_url: str) -> None:
     """One transaction beats for a round: beaten trials stay RUNNING past the grace period of
     an unbeaten one, which goes stale; beating again moves the stored time forward."""
@@ -291,6 +325,49 @@ def test_heartbeats_of_many_trials_keep_them_alive(storage_url: str) -> None:
     assert backend._get_stale_trial_ids(study._study_id) == [idle._trial_id]
     optuna.storages.fail_stale_trials(study)
     assert [t.state for t in study.trials] == [TrialState.RUNNING] * 2 + [TrialState.FAIL]
+
+
+def _create_concurrently(url: str, name: str, rounds: int, start: float) -> list[list[int]]:
+    """In a worker process: batches of new trials and single asks, interleaved, from
+    ``start`` on (so that the processes race)."""
+    storage = open_storage(url)
+    study = optuna.load_study(study_name=name, storage=storage)
+    time.sleep(max(0.0, start - time.time()))
+    batches = []
+    for _ in range(rounds):
+        batches.append([t.number for t in create_trials(study._storage, study._study_id, 7)])
+        study.ask()
+    return batches
+
+
+def test_trials_created_at_once_by_racing_processes_are_numbered_exactly(
+    storage_url: str,
+) -> None:
+    """Four processes create batches and ask single trials on two studies at once: every
+    study's numbers are 0..N-1 with no gap or duplicate, and each batch is consecutive."""
+    import concurrent.futures
+    import multiprocessing
+
+    names = ["race-a", "race-b"]
+    for name in names:
+        optuna.create_study(storage=open_storage(storage_url), study_name=name)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(4, mp_context=context) as pool:
+        start = time.time() + 15  # after every process has imported optuna and droptune
+        jobs = [
+            pool.submit(_create_concurrently, storage_url, names[i % 2], 6, start)
+            for i in range(4)
+        ]
+        batches: dict[str, list[list[int]]] = {name: [] for name in names}
+        for i, job in enumerate(jobs):
+            batches[names[i % 2]].extend(job.result(timeout=240))
+    for name in names:
+        numbers = sorted(
+            t.number for t in optuna.load_study(study_name=name, storage=storage_url).trials
+        )
+        assert numbers == list(range(2 * 6 * 8)), name
+        for batch in batches[name]:
+            assert batch == list(range(batch[0], batch[0] + 7)), batch
 
 
 def test_trials_created_at_once_are_numbered_and_seen_like_asked_ones(storage_url: str) -> None:
