@@ -395,7 +395,7 @@ def _upsert(session: Any, model: Any, rows: list[dict[str, Any]], keys: list[Any
         return
     insert: Any = sqlite.insert if session.bind.dialect.name == "sqlite" else postgresql.insert
     names = {column.name for column in keys}
-    stmt = insert(model)
+    stmt = insert(model.__table__)  # by column name: an unknown key raises
     update = {c: getattr(stmt.excluded, c) for c in rows[0] if c not in names}
     session.execute(stmt.on_conflict_do_update(index_elements=keys, set_=update), rows)
 
@@ -490,17 +490,25 @@ def _create_trials(storage: Any, study_id: int, count: int) -> list[Any]:
     from optuna.storages._rdb.storage import _create_scoped_session
     from optuna.trial import FrozenTrial
     from optuna.trial import TrialState
+    from sqlalchemy import bindparam
     from sqlalchemy import insert
+    from sqlalchemy import inspect as sa_inspect
     from sqlalchemy import update
 
     if count < 1:
         return []
     model: Any = models.TrialModel
-    now = datetime.now()
+    # the start time as Optuna's model stores it (naive UTC in Optuna 5, local before) and as
+    # a read gives it back, through the model's own setter
+    probe = model(datetime_start=datetime.now())
+    column = model.__table__.c.datetime_start
+    stored = getattr(probe, sa_inspect(model).get_property_by_column(column).key)
+    row = {"study_id": study_id, "number": None, "state": TrialState.RUNNING}
     with _create_scoped_session(storage.scoped_session) as session:
         models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
-        new = {"study_id": study_id, "number": None, "state": TrialState.RUNNING}
-        session.execute(insert(model), [{**new, "datetime_start": now} for _ in range(count)])
+        session.execute(
+            insert(model.__table__), [{**row, "datetime_start": stored} for _ in range(count)]
+        )
         # under the lock (SQLite: the write lock the insert took), the only trials of the
         # study without a number are these: every creator numbers its trials before commit
         ids = [
@@ -511,14 +519,18 @@ def _create_trials(storage: Any, study_id: int, count: int) -> list[Any]:
         ]
         past = session.query(model).filter(model.study_id == study_id).count() - len(ids)
         numbers = {trial_id: past + i for i, trial_id in enumerate(ids)}
-        session.execute(update(model), [{"trial_id": t, "number": n} for t, n in numbers.items()])
+        table = model.__table__
+        session.execute(
+            update(table).where(table.c.trial_id == bindparam("id")).values(number=bindparam("n")),
+            [{"id": t, "n": n} for t, n in numbers.items()],
+        )
     return [
         FrozenTrial(
             number=number,
             state=TrialState.RUNNING,
             value=None,
             values=None,
-            datetime_start=now,
+            datetime_start=probe.datetime_start,
             datetime_complete=None,
             params={},
             distributions={},
@@ -635,7 +647,7 @@ def _write_params(storage: Any, rows: list[tuple[Any, ...]]) -> None:
                     "distribution_json": distribution_to_json(distribution),
                 }
             )
-        session.execute(insert(model), values)
+        session.execute(insert(model.__table__), values)
 
 
 def set_params_many(storage: Any, rows: list[tuple[int, str, float, Any]]) -> None:

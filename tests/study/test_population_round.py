@@ -73,7 +73,8 @@ def test_a_round_records_every_member_as_optuna_would(tmp_path: Path) -> None:
         assert trial.intermediate_values == {
             i: pytest.approx(row["val_loss"], abs=1e-6) for i, row in enumerate(history)
         }
-        assert trial.datetime_complete is not None
+        assert trial.datetime_start is not None and trial.datetime_complete is not None
+        assert trial.datetime_start <= trial.datetime_complete
         if trial.state.name == "COMPLETE":
             assert trial.value == pytest.approx(min(r["val_loss"] for r in history), abs=1e-6)
     # a second round asks on: numbers go on from the first round's

@@ -5,6 +5,7 @@ finished trials: ``set_user_attrs`` (many attributes of one trial in one transac
 
 from __future__ import annotations
 
+import datetime
 import math
 from pathlib import Path
 import time
@@ -373,9 +374,14 @@ def test_trials_created_at_once_by_racing_processes_are_numbered_exactly(
 def test_trials_created_at_once_are_numbered_and_seen_like_asked_ones(storage_url: str) -> None:
     study = optuna.create_study(storage=open_storage(storage_url), study_name="created")
     study.ask()
+    before = datetime.datetime.now()
     made = create_trials(study._storage, study._study_id, 3)
     assert [t.number for t in made] == [1, 2, 3]
     assert all(t.state == TrialState.RUNNING and t.params == {} for t in made)
+    # started now, and stored so that a read gives back the same time (Optuna 5 stores UTC)
+    assert all(t.datetime_start is not None and t.datetime_start >= before for t in made)
+    stored = optuna.load_study(study_name="created", storage=storage_url).trials[1:4]
+    assert [t.datetime_start for t in stored] == [t.datetime_start for t in made]
     assert study.ask().number == 4
     trial = optuna.Trial(study, made[1]._trial_id)
     trial.suggest_float("x", 0.0, 1.0)
