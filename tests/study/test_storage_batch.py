@@ -328,12 +328,12 @@ def test_heartbeats_of_many_trials_keep_them_alive(storage_url: str) -> None:
     assert [t.state for t in study.trials] == [TrialState.RUNNING] * 2 + [TrialState.FAIL]
 
 
-def _create_concurrently(url: str, name: str, rounds: int, start: float) -> list[list[int]]:
-    """In a worker process: batches of new trials and single asks, interleaved, from
-    ``start`` on (so that the processes race)."""
+def _create_concurrently(url: str, name: str, rounds: int, barrier: Any) -> list[list[int]]:
+    """In a worker process: batches of new trials and single asks, interleaved, once every
+    process is ready (so that they race)."""
     storage = open_storage(url)
     study = optuna.load_study(study_name=name, storage=storage)
-    time.sleep(max(0.0, start - time.time()))
+    barrier.wait(timeout=120)
     batches = []
     for _ in range(rounds):
         batches.append([t.number for t in create_trials(study._storage, study._study_id, 7)])
@@ -353,10 +353,13 @@ def test_trials_created_at_once_by_racing_processes_are_numbered_exactly(
     for name in names:
         optuna.create_study(storage=open_storage(storage_url), study_name=name)
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(4, mp_context=context) as pool:
-        start = time.time() + 15  # after every process has imported optuna and droptune
+    with (
+        context.Manager() as manager,
+        concurrent.futures.ProcessPoolExecutor(4, mp_context=context) as pool,
+    ):
+        barrier = manager.Barrier(4)
         jobs = [
-            pool.submit(_create_concurrently, storage_url, names[i % 2], 6, start)
+            pool.submit(_create_concurrently, storage_url, names[i % 2], 6, barrier)
             for i in range(4)
         ]
         batches: dict[str, list[list[int]]] = {name: [] for name in names}
