@@ -524,6 +524,13 @@ def _create_trials(storage: Any, study_id: int, count: int) -> list[Any]:
             update(table).where(table.c.trial_id == bindparam("id")).values(number=bindparam("n")),
             [{"id": t, "n": n} for t, n in numbers.items()],
         )
+        if getattr(storage, "heartbeat_interval", None) is not None:
+            # beating from their creation: a worker killed before its round's heartbeat
+            # thread starts leaves trials that go stale (Optuna never fails a RUNNING trial
+            # without a heartbeat row, and its slot would stay taken)
+            session.execute(
+                insert(models.TrialHeartbeatModel.__table__), [{"trial_id": t} for t in ids]
+            )
     return [
         FrozenTrial(
             number=number,

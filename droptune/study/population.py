@@ -303,6 +303,8 @@ def _ask(study: optuna.Study, count: int) -> Iterator[optuna.Trial]:
     for left in range(count, 0, -1):
         local.cached_all_trials = None  # as ``ask`` does: samplers see the latest trials
         trial_id = pop() if waiting else None
+        if trial_id is not None:
+            _first_beat(study, trial_id)
         if trial_id is None:
             if waiting and buffer is not None:  # the rest of the round in one transaction
                 fresh = iter(buffer.create_trials(study._study_id, left))
@@ -310,7 +312,19 @@ def _ask(study: optuna.Study, count: int) -> Iterator[optuna.Trial]:
             trial_id = next(fresh, None)
             if trial_id is None:
                 trial_id = study._storage.create_new_trial(study._study_id)
+                _first_beat(study, trial_id)
         yield optuna.Trial(study, trial_id)
+
+
+def _first_beat(study: optuna.Study, trial_id: int) -> None:
+    """A heartbeat for a waiting trial the round just took (made RUNNING): until the round's
+    heartbeat thread starts, a worker killed meanwhile must leave a trial that goes stale.
+    (Trials the round creates get theirs in the creating transaction.)"""
+    storage = study._storage
+    if storage.get_heartbeat_interval() is None:  # type: ignore[attr-defined]
+        return
+    with contextlib.suppress(Exception):  # the round's thread beats again shortly
+        storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
 
 
 def _groups(members: list[Member]) -> list[list[Member]]:

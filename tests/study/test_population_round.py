@@ -4,6 +4,7 @@ taken first, and a round broken off while asking or while training leaves no tri
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 import time
 from typing import Any
@@ -13,6 +14,8 @@ import pytest
 
 from droptune.storage import open_storage
 from droptune.study.objective import Objective
+from droptune.study.population import _ask
+from droptune.study.population import _ParamBuffer
 from droptune.study.population import population_round
 from droptune.study.spec import spec_from_dict
 from droptune.timing import CATEGORIES
@@ -110,3 +113,27 @@ def test_a_round_broken_off_while_training_fails_its_members(tmp_path: Path) -> 
         assert "KeyboardInterrupt: interrupted" in trial.user_attrs["droptune.fail_reason"]
         assert set(trial.params) == set(SEARCH)  # suggested before training, kept
         assert trial.user_attrs["droptune.seed"] is not None
+
+
+def test_trials_a_killed_round_had_asked_go_stale_without_its_heartbeat_thread(
+    tmp_path: Path,
+) -> None:
+    """A worker killed after asking but before its round's heartbeat thread started: the
+    trials it created (and the waiting one it took) beat from the moment they ran, so
+    Optuna's stale sweep fails them (a RUNNING trial without a heartbeat row is never stale,
+    and its slot would stay taken)."""
+    url = f"sqlite:///{tmp_path / 'killed.db'}"
+    study = optuna.create_study(
+        storage=open_storage(url, heartbeat_interval=1, grace_period=2, retry_stale=False),
+        study_name="killed",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+    study.enqueue_trial({"x": 0.5})
+    view = copy.copy(study)
+    view._storage = _ParamBuffer(study._storage)  # type: ignore[assignment]
+    asked = list(_ask(view, 3))  # then the worker dies: no heartbeat thread, no tell
+    assert [t.number for t in asked] == [0, 1, 2]
+    time.sleep(3.5)
+    optuna.storages.fail_stale_trials(study)
+    states = [t.state.name for t in optuna.load_study(study_name="killed", storage=url).trials]
+    assert states == ["FAIL", "FAIL", "FAIL"]
