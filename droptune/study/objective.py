@@ -245,6 +245,7 @@ class Objective:
             self._record(trial, state, values)
 
     def _record(self, trial: optuna.Trial, state: str, values: Any) -> None:
+        timing.phase("other")  # training may have ended in an exception (no on_train_end)
         try:
             self.record_end(trial, state, values, self._history.rows, self._config)
         finally:

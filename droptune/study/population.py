@@ -73,11 +73,16 @@ class Member:
 
 
 @contextlib.contextmanager
-def _heartbeats(study: optuna.Study, trials: list[optuna.Trial], interval: int) -> Iterator[None]:
-    """Record a heartbeat for each trial now and every ``interval`` seconds until exit."""
+def _heartbeats(
+    study: optuna.Study, trial_ids: Callable[[], list[int]], interval: int
+) -> Iterator[None]:
+    """Record a heartbeat for each trial ``trial_ids()`` names now and every ``interval``
+    seconds until exit (the list may grow meanwhile: a round beats for its trials from the
+    moment they are created, while it is still asking)."""
     storage = study._storage
     record = getattr(storage, "record_heartbeat", None)
-    if record is None or storage.get_heartbeat_interval() is None:  # type: ignore[attr-defined]
+    interval_of = getattr(storage, "get_heartbeat_interval", None)
+    if record is None or interval_of is None or interval_of() is None:
         yield
         return
     stop = threading.Event()
@@ -87,11 +92,11 @@ def _heartbeats(study: optuna.Study, trials: list[optuna.Trial], interval: int) 
     def beat() -> None:
         if batch is not None:  # one transaction for the whole round
             with contextlib.suppress(Exception):  # a missed beat is retried next interval
-                batch([trial._trial_id for trial in trials])
+                batch(trial_ids())
             return
-        for trial in trials:
+        for trial_id in trial_ids():
             with contextlib.suppress(Exception):
-                record(trial._trial_id)
+                record(trial_id)
 
     beat()
 
@@ -148,27 +153,35 @@ def _round(
     view._storage = params  # type: ignore[assignment]
     members: list[Member] = []
     asked: list[optuna.Trial] = []
-    try:
-        for slot, trial in zip(slots, _ask(view, len(slots)), strict=True):
-            asked.append(trial)
-            bind(slot, trial)
-            try:
-                config, _ = objective.config_for(trial)
-            except Exception as exc:  # a config the search produced but droptune refuses
-                params.flush([trial._trial_id])  # the suggestions that led to it are kept
-                _fail(objective, trial, exc)
-                continue
-            members.append(Member(slot, trial, config))
-    except BaseException as exc:  # interrupted while asking: no created trial stays RUNNING
-        _abandon(objective, study, asked, params.unclaimed(), exc)
-        raise
     spec = objective.spec
+
+    def beating() -> list[int]:
+        # the asked trials and those created for the round but not asked yet (they got a first
+        # beat when created): asking P trials may take longer than the grace period
+        return [trial._trial_id for trial in asked] + params.unclaimed()
+
+    with _heartbeats(study, beating, spec.execution.heartbeat_interval):
+        try:
+            for slot, trial in zip(slots, _ask(view, len(slots)), strict=True):
+                asked.append(trial)
+                bind(slot, trial)
+                try:
+                    config, _ = objective.config_for(trial)
+                except Exception as exc:  # a config the search produced but droptune refuses
+                    params.flush([trial._trial_id])  # the suggestions that led to it are kept
+                    _fail(objective, trial, exc)
+                    continue
+                members.append(Member(slot, trial, config))
+        except BaseException as exc:  # interrupted while asking: no created trial stays RUNNING
+            _abandon(objective, study, asked, params.unclaimed(), exc)
+            raise
     try:
         params.flush()
         asking = timing.since(clock, share=max(1, len(members)))
         for member in members:
             member.asking = asking
-        with _heartbeats(study, [m.trial for m in members], spec.execution.heartbeat_interval):
+        training = [member.trial._trial_id for member in members]
+        with _heartbeats(study, lambda: training, spec.execution.heartbeat_interval):
             for group in _groups(members):
                 _train_group(objective, group, check_stop)
     except BaseException as exc:
@@ -321,7 +334,8 @@ def _first_beat(study: optuna.Study, trial_id: int) -> None:
     heartbeat thread starts, a worker killed meanwhile must leave a trial that goes stale.
     (Trials the round creates get theirs in the creating transaction.)"""
     storage = study._storage
-    if storage.get_heartbeat_interval() is None:  # type: ignore[attr-defined]
+    interval_of = getattr(storage, "get_heartbeat_interval", None)  # not on every storage
+    if interval_of is None or interval_of() is None:
         return
     with contextlib.suppress(Exception):  # the round's thread beats again shortly
         storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]

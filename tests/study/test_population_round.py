@@ -137,3 +137,43 @@ def test_trials_a_killed_round_had_asked_go_stale_without_its_heartbeat_thread(
     optuna.storages.fail_stale_trials(study)
     states = [t.state.name for t in optuna.load_study(study_name="killed", storage=url).trials]
     assert states == ["FAIL", "FAIL", "FAIL"]
+
+
+def test_a_round_that_asks_for_longer_than_the_grace_period_keeps_its_trials_alive(
+    tmp_path: Path,
+) -> None:
+    """A slow sampler (here: a slow config per trial) makes asking a round take longer than
+    the grace period; another worker's stale sweep meanwhile must not fail the trials the
+    round has created or asked: they beat from their creation on."""
+    url = f"sqlite:///{tmp_path / 'slow.db'}"
+    spec = spec_from_dict(
+        merge(
+            TINY,
+            {
+                "search": SEARCH,
+                "train": {"max_epochs": 1},
+                "execution": {"heartbeat_interval": 1, "grace_period": 2},
+            },
+        )
+    )
+    study = optuna.create_study(
+        storage=open_storage(url, heartbeat_interval=1, grace_period=2, retry_stale=False),
+        study_name="slow",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+    objective = Objective(spec, worker="test")
+    other = optuna.load_study(
+        study_name="slow",
+        storage=open_storage(url, heartbeat_interval=1, grace_period=2, retry_stale=False),
+    )
+    config_for = objective.config_for
+
+    def slow_config(trial: optuna.Trial) -> Any:
+        time.sleep(1.6)
+        optuna.storages.fail_stale_trials(other)  # another worker's sweep
+        return config_for(trial)
+
+    objective.config_for = slow_config  # type: ignore[method-assign]
+    population_round(study, objective, [0, 1, 2], lambda s, t: None, lambda: None)
+    states = [t.state.name for t in optuna.load_study(study_name="slow", storage=url).trials]
+    assert states == ["COMPLETE", "COMPLETE", "COMPLETE"]
