@@ -250,7 +250,6 @@ class Objective:
             self.record_end(trial, state, values, self._history.rows, self._config)
         finally:
             # where the trial's time went, its MLflow run included (best effort)
-            timing.phase("other")
             with contextlib.suppress(Exception):
                 set_user_attrs(trial, {timing.TIMING_ATTR: timing.since(self._clock)})
 

@@ -79,12 +79,11 @@ def _heartbeats(
     """Record a heartbeat for each trial ``trial_ids()`` names now and every ``interval``
     seconds until exit (the list may grow meanwhile: a round beats for its trials from the
     moment they are created, while it is still asking)."""
-    storage = study._storage
-    record = getattr(storage, "record_heartbeat", None)
-    interval_of = getattr(storage, "get_heartbeat_interval", None)
-    if record is None or interval_of is None or interval_of() is None:
+    storage: Any = study._storage
+    if not _beating(storage):
         yield
         return
+    record = storage.record_heartbeat
     stop = threading.Event()
 
     batch = getattr(getattr(storage, "_backend", None), "record_heartbeats", None)
@@ -318,7 +317,7 @@ def _ask(study: optuna.Study, count: int) -> Iterator[optuna.Trial]:
         trial_id = pop() if waiting else None
         if trial_id is not None:
             _first_beat(study, trial_id)
-        if trial_id is None:
+        else:
             if waiting and buffer is not None:  # the rest of the round in one transaction
                 fresh = iter(buffer.create_trials(study._study_id, left))
             waiting = False
@@ -333,12 +332,22 @@ def _first_beat(study: optuna.Study, trial_id: int) -> None:
     """A heartbeat for a waiting trial the round just took (made RUNNING): until the round's
     heartbeat thread starts, a worker killed meanwhile must leave a trial that goes stale.
     (Trials the round creates get theirs in the creating transaction.)"""
-    storage = study._storage
-    interval_of = getattr(storage, "get_heartbeat_interval", None)  # not on every storage
-    if interval_of is None or interval_of() is None:
+    storage: Any = study._storage
+    if not _beating(storage):
         return
     with contextlib.suppress(Exception):  # the round's thread beats again shortly
-        storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+        storage.record_heartbeat(trial_id)
+
+
+def _beating(storage: Any) -> bool:
+    """Whether ``storage`` records heartbeats (not every storage can; an RDB storage only
+    with a heartbeat interval)."""
+    interval_of = getattr(storage, "get_heartbeat_interval", None)
+    return (
+        hasattr(storage, "record_heartbeat")
+        and interval_of is not None
+        and interval_of() is not None
+    )
 
 
 def _groups(members: list[Member]) -> list[list[Member]]:

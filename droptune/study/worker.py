@@ -163,8 +163,17 @@ def run_worker(
     slots = Slots(storage_url, study_name)
     stop = _Stop(graceful)
 
+    closing = threading.Event()
+
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.record(signum)
+        if closing.is_set():
+            # Writing the last MLflow runs: the signal that follows an interruption (Ctrl-C
+            # reaches the whole group, then `droptune run` forwards SIGTERM) must not cut it
+            # short; a repeat after REPEAT_AFTER_S gives up on them (`droptune sync` later).
+            if stop.force:
+                raise KeyboardInterrupt(f"signal {signum} while the worker was closing")
+            return
         if graceful and not stop.force:
             log.warning("worker %s: signal %d, finishing the running trial", owner, signum)
 
@@ -273,12 +282,18 @@ def run_worker(
     finally:
         if stop.requested:
             report.interrupted = True
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        slots.close()
-        objective.close()  # the runs the background writer still holds
-        if tracking is not None:
-            _close_runs(tracking, study)
+        # Our handler stays until the worker has closed: with the default one back, the
+        # SIGTERM that follows a Ctrl-C killed the worker while its writer was still writing
+        # the round's MLflow runs (runs went missing).
+        closing.set()
+        try:
+            slots.close()
+            objective.close()  # the runs the background writer still holds
+            if tracking is not None:
+                _close_runs(tracking, study)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return report
 
 

@@ -4,6 +4,7 @@ real SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 from pathlib import Path
@@ -199,6 +200,46 @@ def test_interrupt_fails_running_trials_exits_130_and_resumes(
     trial_list = trials(sqlite_url, name)
     assert counts(trial_list).get("RUNNING", 0) == 0
     assert finished(trial_list) == n, counts(trial_list)
+    assert_runs_match_trials(tracking["uri"], name, trial_list)
+
+
+@pytest.mark.slow
+def test_signals_after_an_interrupt_do_not_cut_the_last_runs_short(
+    procs: Procs, write_spec: SpecWriter, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Ctrl-C reaches a worker, and more signals follow within REPEAT_AFTER_S (a terminal's
+    Ctrl-C, then the SIGTERM ``droptune run`` forwards): the worker still writes the MLflow run
+    of every trial it failed before it exits. (Its own handler used to be gone by then, and the
+    forwarded SIGTERM killed it while its writer was back-filling the runs of members that
+    never started.)"""
+    from droptune.study.worker import REPEAT_AFTER_S
+
+    name = "int-closing"
+    tracking = tracking_section(tmp_path)
+    path = write_spec(
+        study={"name": name},
+        train={"max_epochs": 400},
+        execution=FAST_BEATS,
+        tracking=tracking,
+        n_trials=3,
+    )
+    proc = procs.start("worker", str(path), "--population", "3")
+    wait_for(lambda: running_trial(sqlite_url, name), 240, "a RUNNING trial", proc)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGINT)
+    first = time.monotonic()
+    sent = 0
+    while proc.poll() is None and time.monotonic() - first < 0.75 * REPEAT_AFTER_S:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+            sent += 1
+        time.sleep(0.02)
+    _out, err = proc.communicate(timeout=120)
+    assert sent > 0
+    # 130, or the default SIGTERM once ``run_worker`` returned (the interpreter's shutdown)
+    assert proc.returncode in (130, -signal.SIGTERM), (proc.returncode, err[-3000:])
+    trial_list = trials(sqlite_url, name)
+    assert counts(trial_list) == {"FAIL": 3}, counts(trial_list)
     assert_runs_match_trials(tracking["uri"], name, trial_list)
 
 
