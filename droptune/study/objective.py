@@ -221,8 +221,14 @@ class Objective:
         cfg = self.base.with_overrides({**params, **self.device_overrides, "train.seed": seed})
         return cfg, params
 
-    def __call__(self, trial: optuna.Trial) -> float | list[float]:
+    def __call__(
+        self, trial: optuna.Trial, spent: dict[str, float] | None = None
+    ) -> float | list[float]:
+        """Train the trial's config and return its objective value(s); ``spent`` is time the
+        trial already took before this call (a population round's asking, by category), added
+        to what it records as ``droptune.timing``."""
         self._clock = timing.snapshot()
+        self._spent = spent or {}
         timing.phase("setup")
         self._history = _History()
         self._config: TrainConfig | None = None
@@ -250,8 +256,9 @@ class Objective:
             self.record_end(trial, state, values, self._history.rows, self._config)
         finally:
             # where the trial's time went, its MLflow run included (best effort)
+            spent = timing.add(self._spent, timing.since(self._clock))
             with contextlib.suppress(Exception):
-                set_user_attrs(trial, {timing.TIMING_ATTR: timing.since(self._clock)})
+                set_user_attrs(trial, {timing.TIMING_ATTR: spent})
 
     def record_end(
         self,

@@ -381,7 +381,7 @@ def _single(objective: Objective, member: Member) -> None:
     """Process mode for one asked trial: the objective, then ``tell``."""
     study = member.trial.study
     try:
-        value = objective(member.trial)
+        value = objective(member.trial, spent=member.asking)
     except optuna.TrialPruned:
         study.tell(member.trial, state=TrialState.PRUNED)
         return

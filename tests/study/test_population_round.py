@@ -84,6 +84,52 @@ def test_a_round_records_every_member_as_optuna_would(tmp_path: Path) -> None:
     assert population_round(study, objective, [0, 1], lambda s, t: None, lambda: None) == [4, 5]
 
 
+def test_members_that_cannot_train_together_run_one_at_a_time_with_their_asking_share(
+    tmp_path: Path,
+) -> None:
+    """A monitor a population does not log: the round's members run one at a time (process
+    mode), and each still records its share of the round's asking in ``droptune.timing`` (here
+    a slow config per trial: 0.4 s of asking each)."""
+    study, objective = _study(
+        tmp_path, regularization={"early_stopping": {"monitor": "train_loss", "patience": 5}}
+    )
+    config_for = objective.config_for
+
+    def slow_config(trial: optuna.Trial) -> Any:
+        time.sleep(0.4)
+        return config_for(trial)
+
+    calls: list[tuple[dict[str, float], float]] = []
+
+    class Recording(Objective):
+        def __call__(
+            self, trial: optuna.Trial, spent: dict[str, float] | None = None
+        ) -> float | list[float]:
+            started = time.perf_counter()
+            try:
+                return super().__call__(trial, spent=spent)
+            finally:
+                calls.append((dict(spent or {}), time.perf_counter() - started))
+
+    objective.config_for = slow_config  # type: ignore[method-assign]
+    objective.__class__ = Recording
+    population_round(study, objective, [0, 1], lambda s, t: None, lambda: None)
+    trials = study.get_trials()
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert all("droptune.population" not in t.user_attrs for t in trials)  # process mode
+    assert len(calls) == 2 and calls[0][0] == calls[1][0]
+    asking = calls[0][0]
+    assert asking["setup"] >= 0.4  # (2 x 0.4 s) / 2 members
+    for trial, (_, wall) in zip(trials, calls, strict=True):
+        recorded = trial.user_attrs[TIMING_ATTR]
+        assert set(recorded) == {*CATEGORIES, "total"} and recorded["train"] > 0
+        assert sum(recorded[key] for key in CATEGORIES) == pytest.approx(
+            recorded["total"], abs=1e-3
+        )
+        # the asking share, then the call's own time (all but its last write)
+        assert asking["total"] + wall - 0.25 <= recorded["total"] <= asking["total"] + wall
+
+
 def test_a_round_broken_off_while_asking_fails_every_created_trial(tmp_path: Path) -> None:
     study, objective = _study(tmp_path)
 
