@@ -21,4 +21,4 @@ python3 -c "import torch, pytorch_lightning as pl, optuna, mlflow, droptune; pri
 timeout "${TEST_LIMIT:-170}" python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu-tests.log"
 timeout "${BENCH_LIMIT:-330}" python3 bench/throughput.py --scale reference --device gpu \
   --packed 4 --populations "${POPS:-128}" --pop-workers "${POP_WORKERS:-1,4}" \
-  --pure "${PURE:-128}" --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+  --bf16 "${BF16:-128}" --pure "${PURE:-128}" --out "$OUT" 2>&1 | tee "$OUT/bench.log"

@@ -82,12 +82,19 @@ SCALES: dict[str, dict[str, Any]] = {
 
 
 def make_spec(
-    scale: str, name: str, n_trials: int, device: str, tmp: Path, pruner: str = "none"
+    scale: str,
+    name: str,
+    n_trials: int,
+    device: str,
+    tmp: Path,
+    pruner: str = "none",
+    precision: str | None = None,
 ) -> dict[str, Any]:
-    """The study spec shared by every droptune mode (and mirrored by the naive baseline)."""
+    """The study spec shared by every droptune mode (and mirrored by the naive baseline);
+    ``precision`` sets ``train.precision`` (``bf16-mixed`` for the bf16 rows)."""
     s = SCALES[scale]
     pruning = {"name": "median", "n_startup_trials": 8, "n_warmup_steps": 1}
-    return {
+    spec: dict[str, Any] = {
         "study": {"name": name, "metric": "val_acc", "direction": "maximize", "seed": 0},
         "data": {
             "name": "synthetic",
@@ -127,6 +134,9 @@ def make_spec(
         },
         "n_trials": n_trials,
     }
+    if precision is not None:
+        spec["train"]["precision"] = precision
+    return spec
 
 
 def naive(scale: str, n_trials: int, device: str) -> dict[str, Any]:
@@ -219,12 +229,13 @@ def droptune_mode(
     args: list[str],
     pruner: str = "none",
     workers: int = 1,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """(b)-(d): ``droptune run`` in a subprocess, timed end to end, with the mean time per
     trial by category that the trials recorded (``droptune.timing``)."""
     import optuna
 
-    spec = make_spec(scale, name, n_trials, device, tmp, pruner)
+    spec = make_spec(scale, name, n_trials, device, tmp, pruner, precision)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     cmd = [sys.executable, "-m", "droptune.cli", "run", str(path), *args]
@@ -399,6 +410,12 @@ def main() -> None:
     parser.add_argument(
         "--pure", type=int, default=0, help="also time train_population alone at this P"
     )
+    parser.add_argument(
+        "--bf16",
+        default="",
+        help="comma-separated P values: population rows (1 worker) with train.precision "
+        "bf16-mixed (autocast), next to the TF32/fp32 rows",
+    )
     parser.add_argument("--trials", type=int, default=None, help="override every trial count")
     parser.add_argument(
         "--pruner",
@@ -421,14 +438,16 @@ def main() -> None:
 
     # the rows the targets compare first (baseline, best packed, populations), so that a run
     # cut short still has them; the 1-worker row last
-    plan: list[tuple[str, str, int, list[str] | None, int]] = [
-        (NAIVE, "naive", counts["naive"], None, 1),
+    # (label, name, trials, CLI args (None: the naive baseline), workers, train.precision)
+    plan: list[tuple[str, str, int, list[str] | None, int, str | None]] = [
+        (NAIVE, "naive", counts["naive"], None, 1, None),
         (
             f"(c) droptune run, {args.packed} packed workers",
             "packed",
             counts["packed"],
             spread(args.packed),
             args.packed,
+            None,
         ),
     ]
     for p in populations:
@@ -436,16 +455,24 @@ def main() -> None:
             # at least two rounds per worker, so that the steady state is measured
             n = max(counts["population"], 2 * p * w)
             label = f"(d) droptune run --population {p}" + (f", {w} workers" if w > 1 else "")
-            plan.append((label, f"pop{p}w{w}", n, ["--population", str(p), *spread(w)], w))
+            args_w = ["--population", str(p), *spread(w)]
+            plan.append((label, f"pop{p}w{w}", n, args_w, w, None))
+    for p in [int(p) for p in args.bf16.split(",") if p]:
+        label = f"(d) droptune run --population {p}, bf16 autocast"
+        n = max(counts["population"], 2 * p)
+        plan.append(
+            (label, f"pop{p}bf16", n, ["--population", str(p), *spread(1)], 1, "bf16-mixed")
+        )
     if args.pure:
         label = f"(e) train_population alone, P={args.pure} (no storage, no tracking)"
-        plan.append((label, "pure", args.pure, [], 1))
-    plan.append(("(b) droptune run, 1 worker", "run1", counts["run"], ["--workers", "1"], 1))
+        plan.append((label, "pure", args.pure, [], 1, None))
+    run1 = ["--workers", "1"]
+    plan.append(("(b) droptune run, 1 worker", "run1", counts["run"], run1, 1, None))
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         print(f"scale {args.scale}, device {args.device}", flush=True)
-        for label, name, n, cli, workers in plan:
+        for label, name, n, cli, workers, precision in plan:
             with GpuSampler(gpu) as sampler:
                 if cli is None:
                     row = naive(args.scale, n, args.device)
@@ -453,7 +480,15 @@ def main() -> None:
                     row = pure(args.scale, n, args.device)
                 else:
                     row = droptune_mode(
-                        args.scale, name, n, args.device, tmp, cli, args.pruner, workers
+                        args.scale,
+                        name,
+                        n,
+                        args.device,
+                        tmp,
+                        cli,
+                        args.pruner,
+                        workers,
+                        precision,
                     )
             row["gpu_util"] = sampler.mean
             rows[label] = row
