@@ -46,11 +46,14 @@ SPEC_ONLY_SECTIONS = (
 log = logging.getLogger("droptune")
 
 
-def _quiet_lightning() -> None:
-    """Lightning sets its own loggers to INFO when imported: import it first, then quiet it."""
+def _quiet_lightning(load: bool = True) -> None:
+    """Lightning sets its own loggers to INFO when imported: import it first, then quiet it.
+    ``load=False`` (a process that never trains, such as ``run``'s own): quiet its loggers
+    without importing it (seconds of start-up)."""
     import warnings
 
-    import pytorch_lightning  # noqa: F401
+    if load:
+        import pytorch_lightning  # noqa: F401
 
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
@@ -183,7 +186,7 @@ def run(
     from droptune.study.runner import run_study
 
     spec, url, name = _spec_and_url(spec_path, storage, study_name)
-    _quiet_lightning()
+    _quiet_lightning(load=False)  # the workers train; this process only watches
     summary = run_study(
         spec,
         spec_path,

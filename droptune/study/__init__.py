@@ -1,14 +1,52 @@
-"""Study runner: YAML specs, the conditional search space, the objective, workers and runs."""
+"""Study runner: YAML specs, the conditional search space, the objective, workers and runs.
 
-from droptune.study.objective import Objective
-from droptune.study.objective import PruningCallback
-from droptune.study.objective import trial_seed
-from droptune.study.runner import create_study
-from droptune.study.runner import run_study
-from droptune.study.spec import StudySpec
-from droptune.study.spec import load_spec
-from droptune.study.spec import spec_from_dict
-from droptune.study.worker import run_worker
+The names below are imported on first use (PEP 562): the objective and the worker need
+PyTorch Lightning, which commands that only read a study (``droptune status``, ``best``,
+``run``'s own process) never import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+from typing import Any
+
+
+if TYPE_CHECKING:
+    from droptune.study.objective import Objective
+    from droptune.study.objective import PruningCallback
+    from droptune.study.objective import trial_seed
+    from droptune.study.runner import create_study
+    from droptune.study.runner import run_study
+    from droptune.study.spec import StudySpec
+    from droptune.study.spec import load_spec
+    from droptune.study.spec import spec_from_dict
+    from droptune.study.worker import run_worker
+
+_WHERE = {
+    "Objective": "droptune.study.objective",
+    "PruningCallback": "droptune.study.objective",
+    "trial_seed": "droptune.study.objective",
+    "create_study": "droptune.study.runner",
+    "run_study": "droptune.study.runner",
+    "StudySpec": "droptune.study.spec",
+    "load_spec": "droptune.study.spec",
+    "spec_from_dict": "droptune.study.spec",
+    "run_worker": "droptune.study.worker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
 
 
 __all__ = [

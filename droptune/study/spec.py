@@ -332,13 +332,14 @@ def _import(path: str, field: str) -> Any:
 def _check_user_code(spec: StudySpec) -> None:
     """Import the user classes a spec names (the only code a spec can name: its import paths),
     so that a bad one is a SpecError before any study is created, not a failed trial, and so
-    that a path to any other callable (``os:system``) is never called with the spec's kwargs."""
-    import pytorch_lightning as pl
-    from torch import nn
-
+    that a path to any other callable (``os:system``) is never called with the spec's kwargs.
+    Lightning is imported only for a spec that names user code (reading a study never needs
+    it)."""
     base = spec.base
     checks: list[tuple[str, str, type, str]] = []
     if base.data.name == "datamodule" and base.data.datamodule is not None:
+        import pytorch_lightning as pl
+
         checks.append(
             (
                 base.data.datamodule,
@@ -348,6 +349,8 @@ def _check_user_code(spec: StudySpec) -> None:
             )
         )
     if base.model.family == "custom" and base.model.target is not None:
+        from torch import nn
+
         checks.append(
             (
                 base.model.target,

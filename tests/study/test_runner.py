@@ -362,3 +362,36 @@ def test_multi_objective_study(procs: Procs, write_spec: SpecWriter, sqlite_url:
     best = procs.cwd / "mo-best.yaml"
     assert main(["export", "--study", "mo", "--storage", sqlite_url, "-o", str(best)]) == 0
     assert yaml.safe_load(best.read_text())["model"]["hidden"] == [16]
+
+
+def test_commands_that_only_read_or_watch_a_study_never_import_lightning(
+    write_spec: SpecWriter, sqlite_url: str
+) -> None:
+    """``run``'s own process (its workers train) and ``status`` / ``studies`` start without
+    PyTorch Lightning: seconds of start-up on every command."""
+    path = write_spec(study={"name": "startup"})
+    code = (
+        "import sys\n"
+        "from droptune.cli import main\n"
+        "for args in sys.argv[1:]:\n"
+        "    try:\n"
+        "        main(args.split('|'))\n"
+        "    except SystemExit as exc:\n"
+        "        assert not exc.code, (args, exc.code)\n"
+        "print('lightning imported:', 'pytorch_lightning' in sys.modules)\n"
+    )
+    commands = [
+        f"run|{path}|--workers|0",
+        f"status|--storage|{sqlite_url}",
+        f"studies|--storage|{sqlite_url}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", code, *commands],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "startup" in result.stdout
+    assert "lightning imported: False" in result.stdout, result.stdout
