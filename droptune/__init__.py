@@ -13,6 +13,11 @@ Layers, constraints and MC prediction live in :mod:`droptune.layers`; configurat
 :mod:`droptune.study`.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from typing import Any
+
 from droptune.config import RegularizationConfig
 from droptune.config import TrainConfig
 from droptune.config import load_config
@@ -21,15 +26,35 @@ from droptune.exceptions import DroptuneError
 from droptune.exceptions import SpecError
 from droptune.exceptions import StorageError
 from droptune.export import load_best
-from droptune.layers import DROPOUT_KINDS
-from droptune.layers import apply
-from droptune.layers import make_dropout
-from droptune.layers import max_norm_
-from droptune.layers import mc_predict
-from droptune.layers import param_groups
+from droptune.kinds import DROPOUT_KINDS
 
+
+if TYPE_CHECKING:
+    from droptune.layers import apply
+    from droptune.layers import make_dropout
+    from droptune.layers import max_norm_
+    from droptune.layers import mc_predict
+    from droptune.layers import param_groups
 
 __version__ = "0.1.0"
+
+#: Imported on first use (PEP 562): they need torch, which commands that only read a study
+#: (``droptune status``, ``best``, ``run``'s own process) never import.
+_LAYERS = ("apply", "make_dropout", "max_norm_", "mc_predict", "param_groups")
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAYERS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import droptune.layers
+
+    value = getattr(droptune.layers, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAYERS])
 
 
 def load_checkpoint(path: str, map_location: object = None, module_class: object = None) -> object:

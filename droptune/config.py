@@ -30,8 +30,8 @@ from droptune._validation import StrictModel
 from droptune._validation import check_document_size
 from droptune._validation import validate_model
 from droptune.exceptions import ConfigError
-from droptune.layers._factory import DROPOUT_KINDS
-from droptune.layers._factory import ELEMENTWISE_KINDS
+from droptune.kinds import DROPOUT_KINDS
+from droptune.kinds import ELEMENTWISE_KINDS
 
 
 __all__ = [

@@ -6,6 +6,8 @@ import inspect
 from typing import Any
 
 from droptune.exceptions import ConfigError
+from droptune.kinds import DROPOUT_KINDS
+from droptune.kinds import ELEMENTWISE_KINDS
 from droptune.layers._base import DropoutBase
 from droptune.layers._base import Rate
 from droptune.layers._elementwise import AlphaDropout
@@ -36,11 +38,8 @@ _CLASSES: dict[str, type[DropoutBase]] = {
     )
 }
 
-#: Every kind accepted by :func:`make_dropout`, in a stable order.
-DROPOUT_KINDS: tuple[str, ...] = tuple(_CLASSES)
-
-#: Kinds that act on single elements and therefore fit any site (dense, conv, sequence).
-ELEMENTWISE_KINDS: tuple[str, ...] = ("none", "standard", "gaussian", "alpha")
+if tuple(_CLASSES) != DROPOUT_KINDS:  # the names the config validates against, without torch
+    raise ImportError(f"droptune.kinds.DROPOUT_KINDS {DROPOUT_KINDS} != classes {tuple(_CLASSES)}")
 
 
 def _options(cls: type[DropoutBase]) -> list[str]:

@@ -23,8 +23,8 @@ from typing import Any
 
 from droptune.exceptions import ConfigError
 from droptune.exceptions import SpecError
-from droptune.layers import DROPOUT_KINDS
-from droptune.layers import ELEMENTWISE_KINDS
+from droptune.kinds import DROPOUT_KINDS
+from droptune.kinds import ELEMENTWISE_KINDS
 
 
 if TYPE_CHECKING:

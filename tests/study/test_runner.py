@@ -364,11 +364,11 @@ def test_multi_objective_study(procs: Procs, write_spec: SpecWriter, sqlite_url:
     assert yaml.safe_load(best.read_text())["model"]["hidden"] == [16]
 
 
-def test_commands_that_only_read_or_watch_a_study_never_import_lightning(
+def test_commands_that_only_read_or_watch_a_study_never_import_lightning_or_torch(
     write_spec: SpecWriter, sqlite_url: str
 ) -> None:
     """``run``'s own process (its workers train) and ``status`` / ``studies`` start without
-    PyTorch Lightning: seconds of start-up on every command."""
+    PyTorch Lightning and without torch: seconds of start-up on every command."""
     path = write_spec(study={"name": "startup"})
     code = (
         "import sys\n"
@@ -379,6 +379,7 @@ def test_commands_that_only_read_or_watch_a_study_never_import_lightning(
         "    except SystemExit as exc:\n"
         "        assert not exc.code, (args, exc.code)\n"
         "print('lightning imported:', 'pytorch_lightning' in sys.modules)\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
     )
     commands = [
         f"run|{path}|--workers|0",
@@ -395,3 +396,4 @@ def test_commands_that_only_read_or_watch_a_study_never_import_lightning(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "startup" in result.stdout
     assert "lightning imported: False" in result.stdout, result.stdout
+    assert "torch imported: False" in result.stdout, result.stdout
