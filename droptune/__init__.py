@@ -16,8 +16,8 @@ Layers, constraints and MC prediction live in :mod:`droptune.layers`; configurat
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-from typing import Any
 
+from droptune._lazy import lazy_exports
 from droptune.config import RegularizationConfig
 from droptune.config import TrainConfig
 from droptune.config import load_config
@@ -38,31 +38,16 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-#: Imported on first use (PEP 562): they need torch, which commands that only read a study
-#: (``droptune status``, ``best``, ``run``'s own process) never import.
-_LAYERS = ("apply", "make_dropout", "max_norm_", "mc_predict", "param_groups")
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAYERS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import droptune.layers
-
-    value = getattr(droptune.layers, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAYERS])
-
-
-def load_checkpoint(path: str, map_location: object = None, module_class: object = None) -> object:
-    """Load a ``droptune train`` checkpoint safely (``weights_only=True``); see
-    :func:`droptune.training.load_checkpoint` (imported lazily: it needs Lightning)."""
-    from droptune.training import load_checkpoint as load
-
-    return load(path, map_location=map_location, module_class=module_class)
+if not TYPE_CHECKING:  # mypy sees the imports above, and flags a misspelled name
+    # Imported on first use: they need torch, which commands that only read or watch a study
+    # (``droptune status``, ``run``'s own process) never import.
+    __getattr__, __dir__ = lazy_exports(
+        __name__,
+        dict.fromkeys(
+            ("apply", "make_dropout", "max_norm_", "mc_predict", "param_groups"),
+            "droptune.layers",
+        ),
+    )
 
 
 __all__ = [

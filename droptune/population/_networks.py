@@ -720,7 +720,8 @@ def build_population(
             # every accelerator's generator, which fork_rng(devices=[]) does not restore, and
             # costs ~0.7 ms a call in recording the lazy CUDA seeding's stack)
             torch.default_generator.manual_seed(config.train.seed)
-            net = build_network(config, info)
+            with torch.device("cpu"):  # not a caller's default device (another generator)
+                net = build_network(config, info)
             template = template or net
             states.append(net.state_dict())
     population = PopulationNetwork(configs, info, template)

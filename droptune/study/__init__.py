@@ -7,9 +7,9 @@ PyTorch Lightning, which commands that only read a study (``droptune status``, `
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
-from typing import Any
+
+from droptune._lazy import lazy_exports
 
 
 if TYPE_CHECKING:
@@ -23,30 +23,21 @@ if TYPE_CHECKING:
     from droptune.study.spec import spec_from_dict
     from droptune.study.worker import run_worker
 
-_WHERE = {
-    "Objective": "droptune.study.objective",
-    "PruningCallback": "droptune.study.objective",
-    "trial_seed": "droptune.study.objective",
-    "create_study": "droptune.study.runner",
-    "run_study": "droptune.study.runner",
-    "StudySpec": "droptune.study.spec",
-    "load_spec": "droptune.study.spec",
-    "spec_from_dict": "droptune.study.spec",
-    "run_worker": "droptune.study.worker",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_WHERE])
+if not TYPE_CHECKING:  # mypy sees the imports above, and flags a misspelled name
+    __getattr__, __dir__ = lazy_exports(
+        __name__,
+        {
+            "Objective": "droptune.study.objective",
+            "PruningCallback": "droptune.study.objective",
+            "trial_seed": "droptune.study.objective",
+            "create_study": "droptune.study.runner",
+            "run_study": "droptune.study.runner",
+            "StudySpec": "droptune.study.spec",
+            "load_spec": "droptune.study.spec",
+            "spec_from_dict": "droptune.study.spec",
+            "run_worker": "droptune.study.worker",
+        },
+    )
 
 
 __all__ = [

@@ -112,6 +112,21 @@ def create_study(
     return study
 
 
+#: Device nodes of NVIDIA's driver and of ROCm: a Linux host with none of them has no GPU torch
+#: could use.
+_GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
+
+
+def _gpu_count() -> int:
+    """``torch.cuda.device_count()``, without importing torch (over a second of start-up)
+    on a Linux host that has no GPU driver's device node."""
+    if sys.platform.startswith("linux") and not any(map(os.path.exists, _GPU_NODES)):
+        return 0
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
 def plan_workers(devices: str, workers: int | None, per_device: int) -> list[dict[str, Any]]:
     """One entry per worker: its ``CUDA_VISIBLE_DEVICES`` and config overrides.
 
@@ -121,9 +136,7 @@ def plan_workers(devices: str, workers: int | None, per_device: int) -> list[dic
     if devices == "cpu":
         ids = []
     elif devices == "auto":
-        import torch
-
-        ids = [str(i) for i in range(torch.cuda.device_count())]
+        ids = [str(i) for i in range(_gpu_count())]
     else:
         ids = [part.strip() for part in devices.split(",") if part.strip()]
         if not ids or not all(part.isdigit() for part in ids):

@@ -164,15 +164,26 @@ def run_worker(
     stop = _Stop(graceful)
 
     closing = threading.Event()
+    closing_signals: list[float] = []  # when signals arrived while the worker was closing
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.record(signum)
         if closing.is_set():
-            # Writing the last MLflow runs: the signal that follows an interruption (Ctrl-C
-            # reaches the whole group, then `droptune run` forwards SIGTERM) must not cut it
-            # short; a repeat after REPEAT_AFTER_S gives up on them (`droptune sync` later).
-            if stop.force:
+            # Writing the last MLflow runs: the signals of one interruption (Ctrl-C reaches
+            # the whole group, then `droptune run` forwards SIGTERM) must not cut it short; a
+            # second one at least REPEAT_AFTER_S later gives up on them (`droptune sync`).
+            now = time.monotonic()
+            if closing_signals and now - closing_signals[0] >= REPEAT_AFTER_S:
                 raise KeyboardInterrupt(f"signal {signum} while the worker was closing")
+            if not closing_signals:
+                log.warning(
+                    "worker %s: signal %d while writing its last MLflow runs; another one in "
+                    "%g s or later gives up on them (`droptune sync` writes them afterwards)",
+                    owner,
+                    signum,
+                    REPEAT_AFTER_S,
+                )
+            closing_signals.append(now)
             return
         if graceful and not stop.force:
             log.warning("worker %s: signal %d, finishing the running trial", owner, signum)
@@ -294,6 +305,8 @@ def run_worker(
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if stop.requested:  # a signal that arrived while the worker closed
+            report.interrupted = True
     return report
 
 

@@ -89,14 +89,14 @@ def test_members_that_cannot_train_together_run_one_at_a_time_with_their_asking_
 ) -> None:
     """A monitor a population does not log: the round's members run one at a time (process
     mode), and each still records its share of the round's asking in ``droptune.timing`` (here
-    a slow config per trial: 0.4 s of asking each)."""
+    a slow config per trial: 0.8 s of asking each)."""
     study, objective = _study(
         tmp_path, regularization={"early_stopping": {"monitor": "train_loss", "patience": 5}}
     )
     config_for = objective.config_for
 
     def slow_config(trial: optuna.Trial) -> Any:
-        time.sleep(0.4)
+        time.sleep(0.8)
         return config_for(trial)
 
     calls: list[tuple[dict[str, float], float]] = []
@@ -119,15 +119,16 @@ def test_members_that_cannot_train_together_run_one_at_a_time_with_their_asking_
     assert all("droptune.population" not in t.user_attrs for t in trials)  # process mode
     assert len(calls) == 2 and calls[0][0] == calls[1][0]
     asking = calls[0][0]
-    assert asking["setup"] >= 0.4  # (2 x 0.4 s) / 2 members
+    assert asking["setup"] >= 0.8  # (2 x 0.8 s) / 2 members
     for trial, (_, wall) in zip(trials, calls, strict=True):
         recorded = trial.user_attrs[TIMING_ATTR]
         assert set(recorded) == {*CATEGORIES, "total"} and recorded["train"] > 0
         assert sum(recorded[key] for key in CATEGORIES) == pytest.approx(
             recorded["total"], abs=1e-3
         )
-        # the asking share, then the call's own time (all but its last write)
-        assert asking["total"] + wall - 0.25 <= recorded["total"] <= asking["total"] + wall
+        # the asking share, then the call's own time (all but its last write, which a
+        # loaded machine may stretch)
+        assert asking["total"] + wall - 0.5 <= recorded["total"] <= asking["total"] + wall
 
 
 def test_a_round_broken_off_while_asking_fails_every_created_trial(tmp_path: Path) -> None:
