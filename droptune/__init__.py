@@ -50,6 +50,14 @@ if not TYPE_CHECKING:  # mypy sees the imports above, and flags a misspelled nam
     )
 
 
+def load_checkpoint(path: str, map_location: object = None, module_class: object = None) -> object:
+    """Load a ``droptune train`` checkpoint safely (``weights_only=True``); see
+    :func:`droptune.training.load_checkpoint` (imported lazily: it needs Lightning)."""
+    from droptune.training import load_checkpoint as load
+
+    return load(path, map_location=map_location, module_class=module_class)
+
+
 __all__ = [
     "DROPOUT_KINDS",
     "ConfigError",

@@ -60,6 +60,48 @@ def _pg_up() -> bool:
         return False
 
 
+def test_a_session_reused_after_its_connection_dropped_counts_as_an_outage(pg_url: str) -> None:
+    """Optuna's ``_get_trials`` retries a failed query in the same session: after a dropped
+    connection that second query raises PendingRollbackError, which Optuna wraps in
+    StorageInternalError. That is still the outage (retried), while a bad query is not. (A
+    PostgreSQL restart that landed there failed a trial in CI.)"""
+    import optuna
+    import sqlalchemy as sa
+    from sqlalchemy import orm
+    import sqlalchemy.exc as sa_exc
+
+    from droptune.storage import is_outage
+
+    engine = sa.create_engine(pg_url)
+    killer = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    try:
+        with orm.Session(engine) as session:
+            pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+            with killer.connect() as conn:
+                conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            wrapped: BaseException | None = None
+            try:
+                session.execute(sa.text("SELECT 1"))
+            except sa_exc.OperationalError as first:
+                assert is_outage(first)
+                try:  # what Optuna's fallback does, inside its handler
+                    session.execute(sa.text("SELECT 1"))
+                except sa_exc.PendingRollbackError as second:
+                    try:
+                        raise optuna.exceptions.StorageInternalError("commit") from second
+                    except optuna.exceptions.StorageInternalError as exc:
+                        wrapped = exc
+            assert wrapped is not None, "the reused session did not raise PendingRollbackError"
+            assert is_outage(wrapped)
+        with orm.Session(engine) as session:
+            with pytest.raises(sa_exc.ProgrammingError) as bad:
+                session.execute(sa.text("SELECT * FROM no_such_table"))
+            assert not is_outage(bad.value)
+    finally:
+        engine.dispose()
+        killer.dispose()
+
+
 def test_postgresql_restart_mid_study_loses_no_trial(
     procs: Procs, write_spec: SpecWriter, pg_url: str
 ) -> None:

@@ -397,3 +397,18 @@ def test_commands_that_only_read_or_watch_a_study_never_import_lightning_or_torc
     assert "startup" in result.stdout
     assert "lightning imported: False" in result.stdout, result.stdout
     assert "torch imported: False" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("package", ["droptune", "droptune.study", "droptune.population"])
+def test_every_exported_name_resolves(package: str) -> None:
+    """The lazy exports (PEP 562): every name in ``__all__`` and ``dir()`` resolves, a
+    submodule is reachable as an attribute, and an unknown name is an AttributeError."""
+    import importlib
+
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        assert getattr(module, name) is not None, name
+    assert set(module.__all__) <= set(dir(module))
+    assert importlib.import_module("droptune").layers.__name__ == "droptune.layers"
+    with pytest.raises(AttributeError, match="no_such_name"):
+        _ = module.no_such_name
