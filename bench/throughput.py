@@ -436,6 +436,9 @@ def main() -> None:
     def spread(workers: int) -> list[str]:
         return ["--per-device", str(workers)] if gpu else ["--workers", str(workers)]
 
+    def population(size: int, workers: int) -> list[str]:
+        return ["--population", str(size), *spread(workers)]
+
     # the rows the targets compare first (baseline, best packed, populations), so that a run
     # cut short still has them; the 1-worker row last
     # (label, name, trials, CLI args (None: the naive baseline), workers, train.precision)
@@ -455,18 +458,15 @@ def main() -> None:
             # at least two rounds per worker, so that the steady state is measured
             n = max(counts["population"], 2 * p * w)
             label = f"(d) droptune run --population {p}" + (f", {w} workers" if w > 1 else "")
-            args_w = ["--population", str(p), *spread(w)]
-            plan.append((label, f"pop{p}w{w}", n, args_w, w, None))
+            plan.append((label, f"pop{p}w{w}", n, population(p, w), w, None))
     for p in [int(p) for p in args.bf16.split(",") if p]:
         label = f"(d) droptune run --population {p}, bf16 autocast"
         n = max(counts["population"], 2 * p)
-        plan.append(
-            (label, f"pop{p}bf16", n, ["--population", str(p), *spread(1)], 1, "bf16-mixed")
-        )
+        plan.append((label, f"pop{p}bf16", n, population(p, 1), 1, "bf16-mixed"))
     if args.pure:
         label = f"(e) train_population alone, P={args.pure} (no storage, no tracking)"
         plan.append((label, "pure", args.pure, [], 1, None))
-    run1 = ["--workers", "1"]
+    run1 = ["--workers", "1"]  # one worker whatever the GPUs
     plan.append(("(b) droptune run, 1 worker", "run1", counts["run"], run1, 1, None))
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:

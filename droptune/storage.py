@@ -230,15 +230,16 @@ def is_outage(exc: BaseException) -> bool:
     # Optuna wraps the SQLAlchemy error in StorageInternalError: look down the chain. A
     # PendingRollbackError is a session used again after its connection broke (Optuna's
     # `_get_trials` retries its query in the same session): what broke it decides.
-    seen = 0
-    while (
-        not isinstance(exc, sa_exc.SQLAlchemyError) or isinstance(exc, sa_exc.PendingRollbackError)
-    ) and seen <= 5:
-        pending = isinstance(exc, sa_exc.PendingRollbackError)
-        below = (exc.__cause__ or exc.__context__) if pending else exc.__cause__
+    for _ in range(6):
+        if isinstance(exc, sa_exc.PendingRollbackError):
+            below = exc.__cause__ or exc.__context__
+        elif isinstance(exc, sa_exc.SQLAlchemyError):
+            break
+        else:
+            below = exc.__cause__
         if below is None:
             break
-        exc, seen = below, seen + 1
+        exc = below
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
     if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):

@@ -164,18 +164,17 @@ def run_worker(
     stop = _Stop(graceful)
 
     closing = threading.Event()
-    closing_signals: list[float] = []  # when signals arrived while the worker was closing
+    first_while_closing: float | None = None  # when the first signal came while closing
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal first_while_closing
         stop.record(signum)
         if closing.is_set():
             # Writing the last MLflow runs: the signals of one interruption (Ctrl-C reaches
             # the whole group, then `droptune run` forwards SIGTERM) must not cut it short; a
             # second one at least REPEAT_AFTER_S later gives up on them (`droptune sync`).
-            now = time.monotonic()
-            if closing_signals and now - closing_signals[0] >= REPEAT_AFTER_S:
-                raise KeyboardInterrupt(f"signal {signum} while the worker was closing")
-            if not closing_signals:
+            if first_while_closing is None:
+                first_while_closing = time.monotonic()
                 log.warning(
                     "worker %s: signal %d while writing its last MLflow runs; another one in "
                     "%g s or later gives up on them (`droptune sync` writes them afterwards)",
@@ -183,7 +182,8 @@ def run_worker(
                     signum,
                     REPEAT_AFTER_S,
                 )
-            closing_signals.append(now)
+            elif time.monotonic() - first_while_closing >= REPEAT_AFTER_S:
+                raise KeyboardInterrupt(f"signal {signum} while the worker was closing")
             return
         if graceful and not stop.force:
             log.warning("worker %s: signal %d, finishing the running trial", owner, signum)
@@ -291,8 +291,6 @@ def run_worker(
     except WorkerInterrupted:
         report.interrupted = True
     finally:
-        if stop.requested:
-            report.interrupted = True
         # Our handler stays until the worker has closed: with the default one back, the
         # SIGTERM that follows a Ctrl-C killed the worker while its writer was still writing
         # the round's MLflow runs (runs went missing).
@@ -305,7 +303,7 @@ def run_worker(
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if stop.requested:  # a signal that arrived while the worker closed
+        if stop.requested:  # a signal before the close or during it
             report.interrupted = True
     return report
 
