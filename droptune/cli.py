@@ -164,7 +164,12 @@ def run(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec YAML.")],
     n_trials: Annotated[
         int | None,
-        typer.Option(min=1, max=1_000_000, help="Trials to finish (COMPLETE or PRUNED)."),
+        typer.Option(
+            min=1,
+            max=1_000_000,
+            help="Trials to finish (COMPLETE or PRUNED); on an existing study, raises its "
+            "recorded budget.",
+        ),
     ] = None,
     timeout: Annotated[
         float | None, typer.Option(min=1, help="Seconds after which no new trial starts.")
@@ -238,11 +243,19 @@ def worker(
         typer.Option(
             min=1,
             max=1_000_000,
-            help="Create the study with this many trials if it does not exist yet.",
+            help="The study's budget if this worker creates it (a study that exists keeps "
+            "its recorded budget).",
         ),
     ] = None,
     owner: Annotated[str | None, typer.Option(help="Worker identity (default host:pid).")] = None,
-    worker_index: Annotated[int, typer.Option(min=0, help="Offsets the sampler seed.")] = 0,
+    worker_index: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="This worker's number among its peers (for logs and schedulers; sampling "
+            "does not depend on it).",
+        ),
+    ] = 0,
     deadline: Annotated[
         float | None, typer.Option(help="Unix time after which no new trial starts.")
     ] = None,
@@ -270,7 +283,7 @@ def worker(
     if overrides:
         spec.base.with_overrides(overrides)  # validate before joining
     _quiet_lightning()
-    create_study(spec, url, name, n_trials or spec.n_trials)
+    create_study(spec, url, name, n_trials)
     report = run_worker(
         spec,
         url,

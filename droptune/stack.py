@@ -301,6 +301,7 @@ def _prepare(
     from droptune.study.runner import create_study
     from droptune.study.runner import plan_workers
     from droptune.study.runner import reap_trials
+    from droptune.study.runner import study_budget
     from droptune.study.spec import load_spec
 
     if workers is not None and workers < 0:
@@ -354,7 +355,6 @@ def _prepare(
             f"{mask_url(tracking_uri)!r}"
         )
     name = study_name or spec.study.name
-    total = n_trials or spec.n_trials
     plan = plan_workers(
         devices or spec.execution.devices,
         workers if workers is not None else spec.execution.workers,
@@ -363,7 +363,8 @@ def _prepare(
     if spec.base.train.num_threads is not None:
         for entry in plan:  # the spec's own thread count wins, as in `droptune run`
             entry["overrides"].pop("train.num_threads", None)
-    study = create_study(spec, url, name, total)
+    study = create_study(spec, url, name, n_trials, explicit=n_trials is not None)
+    total = study_budget(url, name) or n_trials or spec.n_trials
     reap_trials(study)
     return StackRequest(
         spec_path=str(spec_path.resolve()),

@@ -15,14 +15,35 @@ if TYPE_CHECKING:
 __all__ = ["make_pruner", "make_sampler"]
 
 
-def make_sampler(spec: StudySpec, seed: int | None = None) -> optuna.samplers.BaseSampler:
-    """The sampler named in ``spec.sampler`` (``seed`` overrides the spec's)."""
+def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    """The sampler named in ``spec.sampler``, seeded per trial: trial *n* samples from the
+    stream ``(sampler.seed, n)`` whichever process asks it (:mod:`droptune.study.sampling`),
+    so a resumed study or another worker never replays the configs of earlier trials."""
+    from droptune.study.sampling import TrialSeededSampler
+
     cfg = spec.sampler
-    seed = cfg.seed if seed is None else seed
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if cfg.seed is None:  # every process draws its own entropy: nothing to replay
+        return _sampler(spec, None)
+    if cfg.name == "qmc":
+        # QMC's sequence position lives in the study: one scrambling seed for all trials,
+        # only the independent sampler (conditional parameters) seeded per trial.
+        qmc_seed = cfg.seed
+        return TrialSeededSampler(
+            lambda s: optuna.samplers.QMCSampler(
+                seed=qmc_seed, independent_sampler=optuna.samplers.RandomSampler(seed=s)
+            ),
+            cfg.seed,
+            "qmc",
+        )
+    return TrialSeededSampler(lambda s: _sampler(spec, s), cfg.seed, cfg.name)
+
+
+def _sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
+    cfg = spec.sampler
     startup: dict[str, Any] = (
         {} if cfg.n_startup_trials is None else {"n_startup_trials": cfg.n_startup_trials}
     )
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if cfg.name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, **startup)
     if cfg.name == "random":

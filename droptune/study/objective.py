@@ -17,6 +17,9 @@ import torch
 
 from droptune import timing
 from droptune.storage import set_user_attrs
+from droptune.study.sampling import DUPLICATE_ATTR
+from droptune.study.sampling import FinishedConfigs
+from droptune.study.space import BASELINE_ATTR
 from droptune.study.space import suggest
 
 
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GAP_METRIC",
+    "DuplicateConfig",
     "Objective",
     "PruningCallback",
     "TrialFailed",
@@ -45,6 +49,18 @@ class TrialFailed(Exception):
     """A trial could not produce a usable value (NaN/inf metric, missing metric)."""
 
 
+class DuplicateConfig(TrialFailed):
+    """The trial was sampled with the params of a finished trial: it fails before training, and
+    its slot runs again with a newly sampled trial."""
+
+    def __init__(self, number: int, duplicate_of: int) -> None:
+        super().__init__(
+            f"trial {number} was sampled with the params of finished trial {duplicate_of}; "
+            "not trained again (its slot is sampled anew)"
+        )
+        self.duplicate_of = duplicate_of
+
+
 def trial_seed(study_seed: int, trial_number: int) -> int:
     """The training seed of a trial, derived from the study seed and the trial number."""
     return (study_seed * 1_000_003 + trial_number * 7_919) % (2**31 - 1)
@@ -60,6 +76,9 @@ class PruningCallback(pl.Callback):
     def __init__(self, trial: optuna.Trial, monitor: str) -> None:
         self.trial = trial
         self.monitor = monitor
+        # The baseline reports like any trial but is never pruned: it is the reference the
+        # study's result is compared with, so it must train to the end.
+        self.exempt = bool(trial.user_attrs.get(BASELINE_ATTR))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -72,7 +91,7 @@ class PruningCallback(pl.Callback):
             return  # the NaN check fails the trial with a reason; don't feed NaN to the pruner
         epoch = trainer.current_epoch
         self.trial.report(number, step=epoch)
-        if self.trial.should_prune():
+        if not self.exempt and self.trial.should_prune():
             self.trial.set_user_attr("droptune.pruned_at_epoch", epoch)
             raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.monitor}={number:.6g})")
 
@@ -198,6 +217,7 @@ class Objective:
         #: Population rounds: (data config key, datamodule) built once per worker.
         self.population_data: tuple[str, Any] | None = None
         self._writer: TrackingWriter | None = None
+        self.finished = FinishedConfigs()
 
     def tracking_writer(self) -> TrackingWriter | None:
         """The worker's background MLflow writer (population rounds), None without tracking."""
@@ -216,7 +236,17 @@ class Objective:
             self._writer = None
 
     def config_for(self, trial: optuna.Trial) -> tuple[TrainConfig, dict[str, Any]]:
+        """The trial's sampled params laid over the spec's config, with its seed.
+
+        Raises:
+            DuplicateConfig: A finished trial of the study (as of the last
+                ``self.finished.refresh``) or a trial asked since has exactly these params.
+        """
         params = suggest(trial, self.spec, self.base)
+        twin = self.finished.duplicate_of(trial.number, params)
+        if twin is not None:
+            trial.set_user_attr(DUPLICATE_ATTR, twin)
+            raise DuplicateConfig(trial.number, twin)
         seed = trial_seed(self.spec.study.seed, trial.number)
         cfg = self.base.with_overrides({**params, **self.device_overrides, "train.seed": seed})
         return cfg, params
@@ -322,6 +352,7 @@ class Objective:
     def _run(self, trial: optuna.Trial) -> float | list[float]:
         for hook in self.on_trial_start:
             hook(trial)
+        self.finished.refresh(trial.study)
         cfg, _ = self.config_for(trial)
         self._config = cfg
         self.record_start(trial, cfg)

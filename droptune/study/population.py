@@ -48,6 +48,7 @@ from droptune.study.objective import GAP_METRIC
 from droptune.study.objective import Objective
 from droptune.study.objective import TrialFailed
 from droptune.study.objective import result_attrs
+from droptune.study.space import BASELINE_ATTR
 
 
 if TYPE_CHECKING:
@@ -159,6 +160,7 @@ def _round(
         # beat when created): asking P trials may take longer than the grace period
         return [trial._trial_id for trial in asked] + params.unclaimed()
 
+    objective.finished.refresh(study)  # one read for the round's duplicate checks
     with _heartbeats(study, beating, spec.execution.heartbeat_interval):
         try:
             for slot, trial in zip(slots, _ask(view, len(slots)), strict=True):
@@ -402,6 +404,8 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
     clock = timing.snapshot()
     timing.phase("setup")
     _start(objective, group)
+    # the baseline reports like any member but is never pruned (see PruningCallback)
+    exempt = {i for i, m in enumerate(group) if m.trial.user_attrs.get(BASELINE_ATTR)}
 
     def on_epochs(epoch: int, rows: dict[int, dict[str, float]]) -> list[int]:
         check_stop()
@@ -414,7 +418,11 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
                 reported[index] = group[index].trial
         report_values([(trial, rows[i][metrics[0]], epoch) for i, trial in reported.items()])
         decisions = should_prune(group[0].trial.study, list(reported.values()))
-        return [index for index, prune_it in zip(reported, decisions, strict=True) if prune_it]
+        return [
+            index
+            for index, prune_it in zip(reported, decisions, strict=True)
+            if prune_it and index not in exempt
+        ]
 
     data = _data(objective, group)
     timing.phase("train")

@@ -30,8 +30,13 @@ from droptune.storage import trial_states
 from droptune.study.factories import make_pruner
 from droptune.study.factories import make_sampler
 from droptune.study.slots import Slots
+from droptune.study.space import BASELINE_ATTR
+from droptune.study.space import baseline_params
 from droptune.study.spec import StudySpec
 from droptune.tracking import StudyTracking
+from droptune.tracking._study import _claim_once
+from droptune.tracking._study import _meta_get
+from droptune.tracking._study import _meta_set
 
 
 __all__ = [
@@ -40,6 +45,7 @@ __all__ = [
     "plan_workers",
     "reap_trials",
     "run_study",
+    "study_budget",
     "timing_summary",
     "with_heartbeat",
 ]
@@ -65,10 +71,31 @@ class RunSummary:
     timing: str | None = None
 
 
+#: ``droptune_meta`` key of the study's trial budget (finished trials it ends with).
+BUDGET_KEY = "n_trials"
+
+
 def create_study(
-    spec: StudySpec, storage_url: str, study_name: str, n_trials: int
+    spec: StudySpec,
+    storage_url: str,
+    study_name: str,
+    n_trials: int | None = None,
+    *,
+    explicit: bool = False,
 ) -> optuna.Study:
-    """Create the study (or load it to resume), record the spec on it, and size its slots."""
+    """Create the study (or load it to resume), record the spec and the trial budget on it,
+    and size its slots.
+
+    The budget is recorded once, by whichever process creates the study (the spec's
+    ``n_trials``, or ``n_trials``), together with the baseline trial (the spec's fixed config,
+    enqueued first unless ``study.baseline`` is false). Every process that joins later
+    honours it: ``n_trials`` then only changes it when ``explicit`` (``run --n-trials``), and
+    only upwards; a disagreeing spec is reported and the recorded budget kept.
+
+    Raises:
+        SpecError: The study exists with other directions, or ``explicit`` asks for fewer
+            trials than its budget.
+    """
     import droptune
 
     # With the spec's heartbeat settings, so that reap_trials() can fail (and retry) trials
@@ -104,12 +131,59 @@ def create_study(
         study.set_user_attr("droptune.metric", ",".join(spec.study.objectives))
         study.set_metric_names(list(spec.study.objectives))
         study.set_user_attr("droptune.version", droptune.__version__)
+    asked = n_trials or spec.n_trials
     slots = Slots(storage_url, study_name)
     try:
-        slots.ensure(n_trials)
+        budget = int(
+            _claim_once(
+                storage_url,
+                study_name,
+                BUDGET_KEY,
+                lambda: _first_budget(study, spec, slots, asked),
+            )
+        )
+        if explicit and asked != budget:
+            if asked < budget:
+                raise SpecError(
+                    f"--n-trials: study {study_name!r} has a budget of {budget} trials; it can "
+                    f"grow, not shrink (got {asked})"
+                )
+            log.info("study %s: budget raised from %d to %d trials", study_name, budget, asked)
+            _meta_set(storage_url, study_name, BUDGET_KEY, str(asked))
+            budget = asked
+        elif asked != budget:
+            log.warning(
+                "study %s has a budget of %d trials (recorded when it was created or raised "
+                "with `droptune run --n-trials`); this %s asks for %d: using %d",
+                study_name,
+                budget,
+                "option" if n_trials else "spec's n_trials",
+                asked,
+                budget,
+            )
+        slots.ensure(budget)
     finally:
         slots.close()
     return study
+
+
+def _first_budget(study: optuna.Study, spec: StudySpec, slots: Slots, n_trials: int) -> int:
+    """Run once per study, by the process that records its budget: enqueue the baseline
+    trial in a study that has no trial yet. A study made by an earlier droptune keeps the
+    budget its slots say."""
+    existing = slots.total()
+    if existing:
+        return existing
+    if spec.study.baseline and not study.get_trials(deepcopy=False):
+        base = spec.base
+        study.enqueue_trial(baseline_params(spec, base), user_attrs={BASELINE_ATTR: True})
+    return n_trials
+
+
+def study_budget(storage_url: str, study_name: str) -> int | None:
+    """The trial budget recorded with the study (None for a study droptune did not create)."""
+    value = _meta_get(storage_url, study_name, BUDGET_KEY)
+    return None if value is None else int(value)
 
 
 #: Device nodes of NVIDIA's driver and of ROCm: a Linux host with none of them has no GPU torch
@@ -238,7 +312,6 @@ def run_study(
     ``n_trials`` COMPLETE or PRUNED trials (or the timeout passes, or Ctrl-C)."""
     name = study_name or spec.study.name
     url = storage_url or spec.storage or default_url(name)
-    total = n_trials or spec.n_trials
     execution = spec.execution
     # Options first (a bad --devices must not leave a study behind), then the study.
     plan = plan_workers(
@@ -246,7 +319,8 @@ def run_study(
         workers if workers is not None else execution.workers,
         per_device or execution.per_device,
     )
-    study = create_study(spec, url, name, total)
+    study = create_study(spec, url, name, n_trials, explicit=n_trials is not None)
+    total = study_budget(url, name) or n_trials or spec.n_trials
     reap_trials(study)
     deadline_s = timeout or spec.timeout
     deadline = time.time() + deadline_s if deadline_s else None

@@ -33,9 +33,18 @@ if TYPE_CHECKING:
     from droptune.config import TrainConfig
     from droptune.study.spec import StudySpec
 
-__all__ = ["FAMILY_KINDS", "applicable", "check_search_space", "suggest"]
+__all__ = [
+    "BASELINE_ATTR",
+    "FAMILY_KINDS",
+    "applicable",
+    "baseline_params",
+    "check_search_space",
+    "suggest",
+]
 
 KIND_PATH = "regularization.dropout.kind"
+#: User attribute of the trial that runs the spec's fixed configuration.
+BASELINE_ATTR = "droptune.baseline"
 
 FAMILY_KINDS: dict[str, tuple[str, ...]] = {
     "mlp": ELEMENTWISE_KINDS,
@@ -122,14 +131,45 @@ def check_search_space(spec: StudySpec, base: TrainConfig) -> None:
                 raise SpecError(f"{where}: candidate {value!r} is invalid: {exc}") from None
 
 
+def _value_at(tree: dict[str, Any], path: str) -> Any:
+    node: Any = tree
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def baseline_params(spec: StudySpec, base: TrainConfig) -> dict[str, Any]:
+    """The spec's fixed configuration as trial params: for each search path that applies to
+    it, its value, where the search distribution can take it. A value it cannot take (a
+    ``max_norm: null`` searched as a range, a default outside the range) is left out: the
+    baseline trial does not sample that path, so its config keeps the spec's value."""
+    family = base.model.family
+    kind = base.regularization.dropout.kind
+    full = base.model_dump(mode="json")
+    params: dict[str, Any] = {}
+    for path, dist in spec.search.items():
+        if path != KIND_PATH and not applicable(path, family, kind):
+            continue
+        value = _value_at(full, path)
+        if dist.contains(value):
+            params[path] = value
+    return params
+
+
 def suggest(trial: optuna.Trial, spec: StudySpec, base: TrainConfig) -> dict[str, Any]:
-    """Ask the trial for every applicable search dimension; returns ``{config path: value}``."""
+    """Ask the trial for every applicable search dimension; returns ``{config path: value}``.
+
+    The baseline trial (:data:`BASELINE_ATTR`) asks only for the paths of
+    :func:`baseline_params`; every other path keeps the spec's value."""
     params: dict[str, Any] = {}
     family = base.model.family
     kind = base.regularization.dropout.kind
+    only = baseline_params(spec, base) if trial.user_attrs.get(BASELINE_ATTR) else None
     ordered = sorted(spec.search.items(), key=lambda item: item[0] != KIND_PATH)
     for path, dist in ordered:
         if path != KIND_PATH and not applicable(path, family, kind):
+            continue
+        if only is not None and path not in only:
             continue
         if dist.choices is not None:
             value = trial.suggest_categorical(path, dist.choices)

@@ -106,6 +106,23 @@ class Distribution(StrictModel):
     def is_categorical(self) -> bool:
         return self.choices is not None
 
+    def contains(self, value: Any) -> bool:
+        """Whether a trial of this dimension can take ``value`` (a choice, or a number in the
+        range on its step)."""
+        if self.choices is not None:
+            return any(type(value) is type(c) and value == c for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        assert self.low is not None and self.high is not None
+        if self.type == "int" and value != int(value):
+            return False
+        if not self.low <= value <= self.high:
+            return False
+        if self.step is None:
+            return True
+        steps = (value - self.low) / self.step
+        return abs(steps - round(steps)) < 1e-9
+
     def candidates(self) -> list[Any]:
         """The values to check against the config: the choices, or the two bounds."""
         if self.choices is not None:
@@ -125,6 +142,10 @@ class StudySection(StrictModel):
     metrics: list[str] | None = None
     directions: list[Literal["minimize", "maximize"]] | None = None
     seed: int = 0
+    #: Run the spec's fixed configuration as the study's first trial (Optuna's
+    #: ``enqueue_trial``), so that the best trial is never worse on validation than the
+    #: defaults and reports can compare tuned with default.
+    baseline: bool = True
 
     @model_validator(mode="after")
     def _objectives(self) -> StudySection:

@@ -34,6 +34,7 @@ from droptune.study.factories import make_pruner
 from droptune.study.factories import make_sampler
 from droptune.study.objective import Objective
 from droptune.study.population import population_round
+from droptune.study.sampling import DUPLICATE_ATTR
 from droptune.study.slots import Slots
 from droptune.study.spec import StudySpec
 from droptune.tracking import StudyTracking
@@ -52,6 +53,10 @@ class WorkerInterrupted(Exception):
 #: after the first: Ctrl-C reaches every process of the terminal's group, and ``droptune run``
 #: forwards it to its workers a moment later.
 REPEAT_AFTER_S = 2.0
+
+#: A worker stops after this many trials in a row were sampled with a finished trial's params
+#: (a discrete search space with fewer configs than the study's budget).
+MAX_DUPLICATES = 50
 
 #: How often a waiting worker completes the MLflow runs of trials reaped on a dead worker's
 #: behalf.
@@ -137,7 +142,9 @@ def run_worker(
         spec: The validated spec (search space, sampler, pruner, objectives).
         storage_url: Where the study lives.
         study_name: Its name.
-        worker_index: Offsets the sampler seed so parallel workers do not sample alike.
+        worker_index: The worker's number among its peers (kept for engines that number
+            their tasks; sampling does not depend on it: every trial number has its own
+            random stream, so no two workers sample alike).
         owner: Identity recorded on slots and trials (default host:pid:random).
         device_overrides: Config overrides that pin this worker to a device.
         deadline: ``time.time()`` after which no new trial starts.
@@ -153,11 +160,10 @@ def run_worker(
         heartbeat_interval=execution.heartbeat_interval,
         grace_period=execution.grace_period,
     )
-    sampler_seed = None if spec.sampler.seed is None else spec.sampler.seed + worker_index
     study = optuna.load_study(
         study_name=study_name,
         storage=storage,
-        sampler=make_sampler(spec, seed=sampler_seed),
+        sampler=make_sampler(spec),
         pruner=make_pruner(spec),
     )
     slots = Slots(storage_url, study_name)
@@ -216,6 +222,7 @@ def run_worker(
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     consecutive_failures = 0
+    duplicates = 0  # trials in a row sampled with a finished trial's params
     try:
         while not stop.requested:
             states = trial_states(study)
@@ -270,15 +277,28 @@ def run_worker(
                     slots.release(held, owner)
                     if report.interrupted:
                         continue  # the signal's doing, not the trial's
+                    attrs = _user_attrs(study, number)
+                    if DUPLICATE_ATTR in attrs:  # not trained: its slot is sampled anew
+                        duplicates += 1
+                        continue
                     consecutive_failures += 1
                     last = (
-                        f"trial {number}: {_fail_reason(study, number)}"
+                        f"trial {number}: {attrs.get('droptune.fail_reason', '?')}"
                         if number is not None
                         else "a trial that was never asked"
                     )
                 else:
                     consecutive_failures = 0
+                    duplicates = 0
             if report.interrupted:
+                break
+            if duplicates >= MAX_DUPLICATES:
+                report.gave_up = (
+                    f"the sampler proposed {duplicates} configs in a row that the study had "
+                    "already finished; the search space looks exhausted (widen it, or lower "
+                    "n_trials)"
+                )
+                log.error("worker %s: %s", owner, report.gave_up)
                 break
             if consecutive_failures >= execution.max_consecutive_failures:
                 report.gave_up = (
@@ -326,10 +346,14 @@ def _bound_numbers(slots: Slots, held: list[int]) -> dict[int, int]:
     }
 
 
-def _fail_reason(study: optuna.Study, number: int) -> str:
+def _user_attrs(study: optuna.Study, number: int | None) -> dict[str, Any]:
+    """A trial's user attributes by number (empty when it cannot be read: they only serve
+    the worker's messages and its duplicate count)."""
+    if number is None:
+        return {}
     storage = study._storage
     try:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-        return str(storage.get_trial(trial_id).user_attrs.get("droptune.fail_reason", "?"))
-    except Exception:  # the reason is for the message only
-        return "?"
+        return dict(storage.get_trial(trial_id).user_attrs)
+    except Exception:
+        return {}

@@ -292,3 +292,14 @@ def assert_runs_match_trials(uri: str, name: str, trial_list: list[Any]) -> dict
         assert run.info.status == RUN_STATUS[trial.state.name], (trial.number, trial.state)
         assert run.data.tags["optuna.state"] == trial.state.name
     return {number: rs[0] for number, rs in runs.items()}
+
+
+def assert_distinct_configs(trial_list: list[optuna.trial.FrozenTrial]) -> None:
+    """No two finished (COMPLETE or PRUNED) trials have the same params."""
+    seen: dict[tuple[tuple[str, str], ...], int] = {}
+    for trial in trial_list:
+        if trial.state.name not in ("COMPLETE", "PRUNED"):
+            continue
+        key = tuple(sorted((k, repr(v)) for k, v in trial.params.items()))
+        assert key not in seen, f"trial {trial.number} repeats trial {seen[key]}: {trial.params}"
+        seen[key] = trial.number

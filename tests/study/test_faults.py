@@ -19,6 +19,7 @@ from droptune.cli import main
 from tests.study.helpers import DELETE
 from tests.study.helpers import Procs
 from tests.study.helpers import SpecWriter
+from tests.study.helpers import assert_distinct_configs
 from tests.study.helpers import assert_runs_match_trials
 from tests.study.helpers import counts
 from tests.study.helpers import finished
@@ -109,6 +110,7 @@ def test_sigkilled_worker_trial_fails_after_grace_and_is_retried(
     assert counts(trial_list).get("WAITING", 0) == 0
     assert finished(trial_list) == n
     assert counts(trial_list) == {"COMPLETE": n, "FAIL": 1}
+    assert_distinct_configs(trial_list)  # the restarted workers sampled no config again
     # The killed worker's run was ended FAILED on its behalf; one run per trial, none RUNNING.
     runs = assert_runs_match_trials(tracking["uri"], name, trial_list)
     assert runs[victim.number].info.status == "FAILED"
@@ -200,6 +202,7 @@ def test_interrupt_fails_running_trials_exits_130_and_resumes(
     trial_list = trials(sqlite_url, name)
     assert counts(trial_list).get("RUNNING", 0) == 0
     assert finished(trial_list) == n, counts(trial_list)
+    assert_distinct_configs(trial_list)  # the resumed run sampled no finished config again
     assert_runs_match_trials(tracking["uri"], name, trial_list)
 
 
