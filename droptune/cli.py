@@ -41,6 +41,7 @@ SPEC_ONLY_SECTIONS = (
     "n_trials",
     "timeout",
     "execution",
+    "confirm",
 )
 
 log = logging.getLogger("droptune")
@@ -212,10 +213,14 @@ def run(
     )
     if summary.timing is not None:
         typer.echo(summary.timing)
+    if summary.baseline_value is not None:
+        typer.echo(f"baseline (the spec's config, trial 0): {summary.baseline_value}")
     if summary.best_params is not None:
         typer.echo(f"best value: {summary.best_value}")
         for key, value in summary.best_params.items():
             typer.echo(f"  {key}: {value}")
+    for line in summary.confirmation:
+        typer.echo(line)
     if summary.interrupted:
         typer.echo("interrupted: run the same command again to resume", err=True)
         raise typer.Exit(130)
@@ -370,9 +375,22 @@ def _best_config_text(storage: str | None, study: str, fmt: str) -> str:
     from droptune.export import best_trial
     from droptune.export import load_study
     from droptune.export import trial_config
+    from droptune.study.confirm import confirmation_of
 
     opened = load_study(study, _require_storage(storage))
-    cfg = trial_config(opened, best_trial(opened))
+    chosen = best_trial(opened)
+    confirmed = confirmation_of(opened)
+    if confirmed is not None and confirmed.best_trial == chosen.number:
+        best = confirmed.best
+        typer.echo(
+            f"trial {chosen.number}: the confirmed best ({confirmed.metric} {best.mean:.5g} "
+            f"mean over {len(best.values)} seeds; `droptune confirm` chose it from the top "
+            f"{len(confirmed.candidates)})",
+            err=True,
+        )
+    else:
+        typer.echo(f"trial {chosen.number}: the best value, not confirmed", err=True)
+    cfg = trial_config(opened, chosen)
     if fmt == "json":
         return json.dumps(cfg.to_dict(), indent=2) + "\n"
     return cfg.to_yaml()
@@ -389,17 +407,42 @@ def best(
 
 
 @app.command()
-def export(
-    study: Annotated[str, typer.Option(help="Study name.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="File to write.")],
+def confirm(
+    study: StudyArg,
     storage: StorageOpt = None,
-    format_: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
+    top_k: Annotated[int, typer.Option(help="How many of the best trials to re-train.")] = 5,
+    seeds: Annotated[int, typer.Option(help="Seeds per config (2 or more for a CI).")] = 5,
+    devices: Annotated[str | None, typer.Option(help="auto, cpu, or GPU ids like 0,1.")] = None,
+    tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Write the best trial's full training config to a file."""
-    text = _best_config_text(storage, study, _check_format(format_))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text)
-    typer.echo(f"wrote {output}")
+    """Re-train the study's top configs with several seeds; the best mean becomes the
+    study's confirmed best (used by best, export and load_best)."""
+    from droptune.exceptions import SpecError
+    from droptune.export import load_study
+    from droptune.study.confirm import confirm_study
+
+    if top_k < 1 or seeds < 1:  # before anything is opened or written
+        raise SpecError(
+            f"--{'top-k' if top_k < 1 else 'seeds'}: must be >= 1, got "
+            f"{top_k if top_k < 1 else seeds}"
+        )
+    url = _study_storage(storage, study)
+    opened = load_study(study, url)
+    tracking = None
+    recorded = opened.user_attrs.get("droptune.spec") or {}
+    if tracking_uri or (recorded.get("tracking") or {}).get("enabled", True):
+        from droptune.tracking import StudyTracking
+
+        if tracking_uri:
+            _check_tracking_uri(tracking_uri)
+        tracking = StudyTracking.for_study(opened, url, tracking_uri)
+        tracking.enabled = True
+    _quiet_lightning()
+    result = confirm_study(
+        opened, top_k, seeds, tracking=tracking, device_overrides=_devices_overrides(devices)
+    )
+    for line in result.lines():
+        typer.echo(line)
 
 
 TrackingOpt = Annotated[
@@ -411,6 +454,20 @@ TrackingOpt = Annotated[
     ),
 ]
 StudyArg = Annotated[str, typer.Argument(metavar="STUDY", help="Study name.")]
+
+
+@app.command()
+def export(
+    study: Annotated[str, typer.Option(help="Study name.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="File to write.")],
+    storage: StorageOpt = None,
+    format_: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
+) -> None:
+    """Write the best trial's full training config to a file."""
+    text = _best_config_text(storage, study, _check_format(format_))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    typer.echo(f"wrote {output}")
 
 
 def _study_tracking(study: str, storage: str | None, tracking_uri: str | None) -> Any:

@@ -58,7 +58,16 @@ def trial_config(study: Any, trial: Any) -> TrainConfig:
 
 
 def best_trial(study: Any) -> Any:
-    """The best COMPLETE trial (for multi-objective studies, the first of the Pareto front)."""
+    """The best COMPLETE trial: the confirmed best when the study was confirmed (its top
+    configs re-trained with several seeds, :mod:`droptune.study.confirm`), else the trial
+    with the best value (for multi-objective studies, the first of the Pareto front)."""
+    from droptune.study.confirm import confirmation_of
+
+    confirmed = confirmation_of(study)
+    if confirmed is not None:
+        for trial in study.get_trials(deepcopy=False):
+            if trial.number == confirmed.best_trial and trial.state.name == "COMPLETE":
+                return trial
     try:
         if len(study.directions) > 1:
             front = study.best_trials
@@ -71,7 +80,8 @@ def best_trial(study: Any) -> Any:
 
 
 def load_best(study_name: str, storage: str) -> TrainConfig:
-    """The best trial's full training config, ready for ``build_module``/``build_trainer``.
+    """The best trial's full training config (the confirmed best when the study was
+    confirmed), ready for ``build_module``/``build_trainer``.
 
     Example:
         >>> url = "sqlite:///runs/digits-mlp/droptune.db"

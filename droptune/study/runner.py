@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from dataclasses import field
 import logging
 import os
 from pathlib import Path
@@ -41,6 +42,7 @@ from droptune.tracking._study import _meta_set
 
 __all__ = [
     "RunSummary",
+    "baseline_value",
     "create_study",
     "plan_workers",
     "reap_trials",
@@ -69,6 +71,10 @@ class RunSummary:
     worker_codes: list[int]
     #: Where the finished trials' time went on average (:func:`droptune.timing.summary_line`).
     timing: str | None = None
+    #: The baseline trial's value (the spec's fixed config), when it completed.
+    baseline_value: Any = None
+    #: What the spec's ``confirm`` stage found, one line per candidate (empty without one).
+    confirmation: list[str] = field(default_factory=list)
 
 
 #: ``droptune_meta`` key of the study's trial budget (finished trials it ends with).
@@ -373,6 +379,9 @@ def run_study(
         finished = slots.finished(states)
     finally:
         slots.close()
+    confirmation: list[str] = []
+    if spec.confirm is not None and finished and not interrupted and plan:
+        confirmation = _confirm(study, spec, tracking, plan[0]["overrides"])
     if tracking is not None:
         tracking.study_ended(study, finished)
     best_value, best_params = _best(study)
@@ -386,7 +395,45 @@ def run_study(
         finished,
         codes,
         timing_summary(study),
+        baseline_value(study),
+        confirmation,
     )
+
+
+def _confirm(
+    study: optuna.Study,
+    spec: StudySpec,
+    tracking: StudyTracking | None,
+    overrides: dict[str, Any],
+) -> list[str]:
+    """The spec's confirmation stage, unless the study was confirmed with the trials it has."""
+    from optuna.trial import TrialState
+
+    from droptune.study.confirm import confirm_study
+    from droptune.study.confirm import confirmation_of
+
+    assert spec.confirm is not None
+    done = confirmation_of(study)
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if done is not None and done.complete == complete:
+        return done.lines()
+    return confirm_study(
+        study,
+        spec.confirm.top_k,
+        spec.confirm.seeds,
+        tracking=tracking,
+        device_overrides=overrides,
+    ).lines()
+
+
+def baseline_value(study: optuna.Study) -> Any:
+    """The value of the study's baseline trial (the spec's fixed config), if it completed."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if trial.user_attrs.get(BASELINE_ATTR):
+            return trial.value if len(study.directions) == 1 else trial.values
+    return None
 
 
 def timing_summary(study: optuna.Study) -> str | None:

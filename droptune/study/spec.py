@@ -194,6 +194,14 @@ class PrunerSection(StrictModel):
     reduction_factor: int = Field(default=3, ge=2)
 
 
+class ConfirmSection(StrictModel):
+    """``confirm``: at the end of ``run``, re-train the ``top_k`` best configs with ``seeds``
+    seeds each and choose the best by the mean (``droptune confirm`` does it on demand)."""
+
+    top_k: int = Field(default=5, ge=1, le=1000)
+    seeds: int = Field(default=5, ge=1, le=1000)
+
+
 class TrackingSection(StrictModel):
     enabled: bool = True
     uri: str | None = None
@@ -245,6 +253,7 @@ class StudySpec(StrictModel):
     storage: str | None = None
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     execution: ExecutionSection = Field(default_factory=ExecutionSection)
+    confirm: ConfirmSection | None = None
     n_trials: int = Field(default=20, ge=1, le=MAX_TRIALS)
     timeout: float | None = Field(default=None, gt=0)
 
@@ -290,6 +299,11 @@ def spec_from_dict(data: Any, source: str = "spec") -> StudySpec:
                     f"search.{path}: the grid has more than {MAX_GRID_POINTS} points; use a "
                     "larger step, fewer choices or another sampler"
                 )
+    if spec.confirm is not None and len(spec.study.objectives) > 1:
+        raise SpecError(
+            "confirm: ranks configs by one objective; a multi-objective study (study.metrics) "
+            "cannot be confirmed"
+        )
     if spec.storage is not None:
         from droptune.storage import check_url
 

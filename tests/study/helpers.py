@@ -272,6 +272,7 @@ def trial_runs(uri: str, name: str) -> dict[int, list[Any]]:
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1, [r.info.run_name for r in parents]
     out: dict[int, list[Any]] = {}
+    runs = [r for r in runs if r.data.tags.get("droptune.role") != "confirmation"]
     for run in runs:
         if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id:
             out.setdefault(int(run.data.tags["droptune.trial_number"]), []).append(run)
