@@ -35,6 +35,7 @@ __all__ = [
     "creation_race",
     "default_url",
     "engine_kwargs",
+    "is_enqueued",
     "is_outage",
     "mask_text",
     "mask_url",
@@ -889,3 +890,11 @@ def trial_states(study: Any) -> dict[int, str]:
         return {int(number): state.name for number, state in rows}
 
     return retry_outage(query, "trial_states")
+
+
+def is_enqueued(trial: Any) -> bool:
+    """Whether ``trial`` (an ``optuna.Trial``) was enqueued with fixed params (by
+    ``study.enqueue_trial``, droptune's baseline, or a retry of a failed trial) rather than
+    sampled. Optuna keeps them in the trial's ``fixed_params`` system attribute, which its
+    public ``Trial`` no longer exposes."""
+    return bool(trial._cached_frozen_trial.system_attrs.get("fixed_params"))

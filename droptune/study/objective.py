@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 
 from droptune import timing
+from droptune.storage import is_enqueued
 from droptune.storage import set_user_attrs
 from droptune.study.sampling import DUPLICATE_ATTR
 from droptune.study.sampling import FinishedConfigs
@@ -239,11 +240,14 @@ class Objective:
         """The trial's sampled params laid over the spec's config, with its seed.
 
         Raises:
-            DuplicateConfig: A finished trial of the study (as of the last
-                ``self.finished.refresh``) or a trial asked since has exactly these params.
+            DuplicateConfig: The sampler proposed exactly the params of a finished trial of
+                the study (as of the last ``self.finished.refresh``) or of a trial asked
+                since (enqueued trials are never refused).
         """
         params = suggest(trial, self.spec, self.base)
-        twin = self.finished.duplicate_of(trial.number, params)
+        # Enqueued params (the baseline, a retry of a failed trial, the user's own) are what
+        # someone asked for; only what the sampler proposed is refused as a duplicate.
+        twin = None if is_enqueued(trial) else self.finished.duplicate_of(trial.number, params)
         if twin is not None:
             trial.set_user_attr(DUPLICATE_ATTR, twin)
             raise DuplicateConfig(trial.number, twin)

@@ -159,16 +159,33 @@ class Slots:
             )
 
     @_riding_outages
-    def release(self, slot: int, owner: str) -> bool:
-        """Give a slot back (its trial failed); only its owner's claim is released."""
+    def release(self, slot: int, owner: str, seen: Any = None) -> bool:
+        """Give a slot back (its trial failed); only its owner's claim is released.
+
+        ``seen``: the slot's row as the caller read it. The release then also requires the
+        same trial and claim time: a worker that released a slot may claim it again at once
+        (the same owner), and a release decided on the old row must not free the new claim
+        (its trial would finish unbound, one more than the study's budget)."""
+        where = [
+            _table.c.study_name == self.study_name,
+            _table.c.slot == slot,
+            _table.c.owner == owner,
+        ]
+        if seen is not None:
+            where.append(
+                _table.c.trial_number.is_(None)
+                if seen.trial_number is None
+                else _table.c.trial_number == seen.trial_number
+            )
+            where.append(
+                _table.c.claimed_at.is_(None)
+                if seen.claimed_at is None
+                else _table.c.claimed_at == seen.claimed_at
+            )
         with self.engine.begin() as conn:
             result = conn.execute(
                 _table.update()
-                .where(
-                    _table.c.study_name == self.study_name,
-                    _table.c.slot == slot,
-                    _table.c.owner == owner,
-                )
+                .where(*where)
                 .values(owner=None, trial_number=None, claimed_at=None)
             )
         return result.rowcount == 1
@@ -187,7 +204,7 @@ class Slots:
                 continue
             failed = row.trial_number is not None and states.get(row.trial_number) == "FAIL"
             orphan = row.trial_number is None and (now - (row.claimed_at or now)) > stale_after
-            if (failed or orphan) and self.release(int(row.slot), row.owner):
+            if (failed or orphan) and self.release(int(row.slot), row.owner, seen=row):
                 released += 1
         return released
 

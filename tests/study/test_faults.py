@@ -256,7 +256,7 @@ def test_nan_loss_fails_the_trial_and_the_worker_continues(
 ) -> None:
     name = "nan"
     path = write_spec(
-        study={"name": name},
+        study={"name": name, "baseline": False},  # the test enqueues its own trials
         train={"optimizer": "sgd", "max_epochs": 2},
         regularization={"dropout": {"kind": "none"}},
         search={"train.lr": {"choices": [1.0e20, 3.0e-3]}},
@@ -356,7 +356,7 @@ def test_out_of_memory_fails_or_retries_at_half_batch_and_releases_memory(
 
     name = f"oom-{retry}"
     path = write_spec(
-        study={"name": name},
+        study={"name": name, "baseline": False},  # the test enqueues its own trials
         model=OOM_MODEL,
         data={"batch_size": 64},
         search={"data.batch_size": {"choices": [64, 16]}},

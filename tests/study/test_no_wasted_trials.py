@@ -238,3 +238,30 @@ def test_the_baseline_trial_is_never_pruned() -> None:
     other = study.ask()
     with pytest.raises(optuna.TrialPruned):
         PruningCallback(other, "val_loss").on_validation_end(_Trainer(), None)  # type: ignore[arg-type]
+
+
+def test_a_release_decided_on_an_old_row_never_frees_a_new_claim(sqlite_url: str) -> None:
+    """The race that let a study finish more trials than its budget: worker B reads a slot
+    whose trial failed and decides to free it; meanwhile its owner A frees it itself, claims
+    it again and binds a new trial; B's release must not free A's new claim."""
+    from droptune.study.slots import Slots
+
+    Path(sqlite_url.removeprefix("sqlite:///")).parent.mkdir(parents=True)
+    slots = Slots(sqlite_url, "race")
+    try:
+        slots.ensure(1)
+        assert slots.claim("A") == 0
+        slots.bind(0, "A", 1)
+        seen = slots.rows()[0]  # B: trial 1 FAILed, free its slot
+        assert slots.release(0, "A")  # A does it first
+        assert slots.claim("A") == 0
+        slots.bind(0, "A", 2)
+
+        assert not slots.release(0, "A", seen=seen)
+
+        row = slots.rows()[0]
+        assert (row.owner, row.trial_number) == ("A", 2)
+        # a release decided on the current row still works
+        assert slots.release(0, "A", seen=row)
+    finally:
+        slots.close()

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from droptune.study.space import BASELINE_ATTR
 from tests.study.helpers import DELETE
 from tests.study.helpers import Procs
 from tests.study.helpers import SpecWriter
@@ -68,6 +69,10 @@ def test_run_with_population_trains_members_together_and_tracks_each(
             i: pytest.approx(row["val_loss"], abs=1e-6) for i, row in enumerate(history)
         }
         assert "droptune.seed" in trial.user_attrs
+        if trial.user_attrs.get(BASELINE_ATTR):  # the spec's l2.strength (0) is off the range
+            assert trial.number == 0 and trial.state.name == "COMPLETE"  # and never pruned
+            assert set(trial.params) == set(ONE_KIND) - {"regularization.l2.strength"}
+            continue
         assert set(trial.params) == set(ONE_KIND)  # suggestions written with the round's batch
     assert_runs_match_trials(tracking["uri"], name, trial_list)
 
@@ -79,7 +84,10 @@ def test_population_rounds_take_enqueued_trials_first(
 
     name = "population-enqueued"
     path = write_spec(
-        study={"name": name}, train={"max_epochs": 2}, search=ONE_KIND, pruner={"name": "none"}
+        study={"name": name, "baseline": False},  # the test enqueues its own trials
+        train={"max_epochs": 2},
+        search=ONE_KIND,
+        pruner={"name": "none"},
     )
     created = procs.run("run", str(path), "--workers", "0", "--n-trials", "6")
     assert created.returncode == 0, created.stderr[-4000:]

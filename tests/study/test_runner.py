@@ -22,7 +22,10 @@ import yaml
 import droptune
 from droptune.cli import main
 from droptune.study.objective import trial_seed
+from droptune.study.space import BASELINE_ATTR
 from droptune.study.space import KIND_PATH
+from droptune.study.space import baseline_params
+from droptune.study.spec import load_spec
 from tests.study.helpers import DELETE
 from tests.study.helpers import TINY
 from tests.study.helpers import Procs
@@ -101,6 +104,12 @@ def test_run_finishes_exactly_the_requested_trials(study: Study) -> None:
     for trial in trial_list:
         assert set(trial.params) <= set(SEARCH)
         assert KIND_PATH in trial.params
+        if trial.number == 0:  # the baseline: the spec's values the search can take
+            assert trial.user_attrs[BASELINE_ATTR] is True
+            spec = load_spec(study.spec_path)
+            assert trial.params == baseline_params(spec, spec.base)
+            assert trial.params[KIND_PATH] == "standard"
+            continue
         assert "regularization.l2.strength" in trial.params
         if trial.params[KIND_PATH] == "none":
             assert "regularization.dropout.hidden_rate" not in trial.params
@@ -245,6 +254,8 @@ def _count_run(
         search={
             KIND_PATH: {"choices": ["none", "standard"]},
             "regularization.dropout.hidden_rate": {"low": 0.0, "high": 0.5},
+            # continuous for kind none too: 500 distinct configs, no duplicate to refuse
+            "regularization.l2.strength": {"low": 1.0e-6, "high": 1.0e-2, "log": True},
         },
         sampler={"name": "random", "seed": 0},
         storage=url,
