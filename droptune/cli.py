@@ -137,6 +137,20 @@ def train(
     typer.echo(f"output: {out}")
 
 
+def _study_name(field: str) -> Any:
+    """A typer callback: the study name through the one check every name passes
+    (:func:`droptune.storage.check_study_name`) before it becomes part of a path."""
+
+    def check(value: str | None) -> str | None:
+        if value is None:
+            return None
+        from droptune.storage import check_study_name
+
+        return check_study_name(value, field)
+
+    return check
+
+
 StorageOpt = Annotated[
     str | None,
     typer.Option(
@@ -181,7 +195,10 @@ def run(
     devices: Annotated[str | None, typer.Option(help="auto, cpu, or GPU ids like 0,1.")] = None,
     per_device: Annotated[int | None, typer.Option(min=1, help="Workers per GPU.")] = None,
     storage: StorageOpt = None,
-    study_name: Annotated[str | None, typer.Option(help="Override study.name.")] = None,
+    study_name: Annotated[
+        str | None,
+        typer.Option(help="Override study.name.", callback=_study_name("--study-name")),
+    ] = None,
     graceful: Annotated[bool, typer.Option(help="On Ctrl-C finish running trials.")] = False,
     population: Annotated[
         int | None,
@@ -242,7 +259,10 @@ def run(
 def worker(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec YAML.")],
     storage: StorageOpt = None,
-    study_name: Annotated[str | None, typer.Option(help="Override study.name.")] = None,
+    study_name: Annotated[
+        str | None,
+        typer.Option(help="Override study.name.", callback=_study_name("--study-name")),
+    ] = None,
     n_trials: Annotated[
         int | None,
         typer.Option(
@@ -311,7 +331,10 @@ def worker(
 @app.command()
 def status(
     storage: StorageOpt = None,
-    study: Annotated[str | None, typer.Option(help="Study name (default: every study).")] = None,
+    study: Annotated[
+        str | None,
+        typer.Option(help="Study name (default: every study).", callback=_study_name("--study")),
+    ] = None,
 ) -> None:
     """Trials by state, best value and params, and running trials with their age."""
     import datetime as dt
@@ -329,7 +352,9 @@ def status(
     names = (
         [study]
         if study
-        else [s.study_name for s in optuna.get_all_study_summaries(open_storage(url))]
+        else [
+            s.study_name for s in optuna.get_all_study_summaries(open_storage(url, existing=True))
+        ]
     )
     for name in names:
         opened = with_heartbeat(load_study(name, url), url)
@@ -366,7 +391,9 @@ def studies(storage: StorageOpt = None) -> None:
 
     from droptune.storage import open_storage
 
-    for summary in optuna.get_all_study_summaries(open_storage(_require_storage(storage))):
+    for summary in optuna.get_all_study_summaries(
+        open_storage(_require_storage(storage), existing=True)
+    ):
         best = summary.best_trial.values if summary.best_trial else None
         typer.echo(f"{summary.study_name}\ttrials={summary.n_trials}\tbest={best}")
 
@@ -398,7 +425,7 @@ def _best_config_text(storage: str | None, study: str, fmt: str) -> str:
 
 @app.command()
 def best(
-    study: Annotated[str, typer.Option(help="Study name.")],
+    study: Annotated[str, typer.Option(help="Study name.", callback=_study_name("--study"))],
     storage: StorageOpt = None,
     format_: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
 ) -> None:
@@ -453,12 +480,14 @@ TrackingOpt = Annotated[
         help="MLflow tracking URI (default: the study's own, e.g. runs/<study>/mlflow.db).",
     ),
 ]
-StudyArg = Annotated[str, typer.Argument(metavar="STUDY", help="Study name.")]
+StudyArg = Annotated[
+    str, typer.Argument(metavar="STUDY", help="Study name.", callback=_study_name("STUDY"))
+]
 
 
 @app.command()
 def export(
-    study: Annotated[str, typer.Option(help="Study name.")],
+    study: Annotated[str, typer.Option(help="Study name.", callback=_study_name("--study"))],
     output: Annotated[Path, typer.Option("-o", "--output", help="File to write.")],
     storage: StorageOpt = None,
     format_: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
@@ -666,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         code = app(args=argv, standalone_mode=False)
     except DroptuneError as exc:
         typer.echo(f"error: {_mask(str(exc))}", err=True)
-        return 2
+        return exc.exit_code
     except SystemExit as exc:
         return int(exc.code or 0)
     except KeyboardInterrupt:

@@ -14,12 +14,20 @@ __all__ = [
     "InputShapeError",
     "SpecError",
     "StorageError",
+    "StorageUnreachable",
     "TrackingError",
 ]
 
 
 class DroptuneError(Exception):
-    """Base class of every error droptune raises on purpose."""
+    """Base class of every error droptune raises on purpose.
+
+    ``exit_code`` is what the command line exits with (the one mapping, read by
+    :func:`droptune.cli.main`): 2 when the user's input is wrong (a spec, an option, a path, an
+    unknown study), 1 when the environment failed at run time (a database down).
+    """
+
+    exit_code = 2
 
 
 class ConfigError(DroptuneError, ValueError):
@@ -39,7 +47,14 @@ class InputShapeError(DroptuneError, ValueError):
 
 
 class StorageError(DroptuneError):
-    """The Optuna storage cannot be reached or used."""
+    """The Optuna storage or study named does not exist or cannot be used as asked."""
+
+
+class StorageUnreachable(StorageError):
+    """The storage's database cannot be reached (down, refused, timed out): the environment
+    failed, not the input (exit code 1)."""
+
+    exit_code = 1
 
 
 class TrackingError(DroptuneError):

@@ -27,7 +27,7 @@ def load_study(study_name: str, storage: str) -> Any:
     from droptune.storage import mask_url
     from droptune.storage import open_storage
 
-    rdb = open_storage(storage)
+    rdb = open_storage(storage, existing=True)
     try:
         return optuna.load_study(study_name=study_name, storage=rdb)
     except KeyError:

@@ -24,13 +24,17 @@ import warnings
 
 from droptune.exceptions import SpecError
 from droptune.exceptions import StorageError
+from droptune.exceptions import StorageUnreachable
 from droptune.timing import timed
 
 
 __all__ = [
     "MASK",
+    "STUDY_NAME_PATTERN",
     "MaskingFilter",
+    "check_study_name",
     "check_url",
+    "create_tables",
     "create_trials",
     "creation_race",
     "default_url",
@@ -114,8 +118,28 @@ def check_url(url: str, field: str = "storage") -> None:
         )
 
 
+#: What a study name may be: it names the folder ``runs/<study>/`` too, so no path
+#: separator, no leading dot (``..``), nothing a shell or a URL would mangle.
+STUDY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$"
+
+
+def check_study_name(name: str, field: str = "study.name") -> str:
+    """``name`` if it is a valid study name, else SpecError naming ``field``: every way a
+    study name arrives (the spec, ``--study-name``, ``--study``, a ``STUDY`` argument) goes
+    through here before it becomes part of a path."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(STUDY_NAME_PATTERN, name):
+        raise SpecError(
+            f"{field}: {name!r} is not a study name; use 1-200 letters, digits, '_', '.' or "
+            "'-', starting with a letter or digit (it names the folder runs/<study>/)"
+        )
+    return name
+
+
 def default_url(study_name: str, root: Path = Path("runs")) -> str:
     """``sqlite:///runs/<study>/droptune.db``."""
+    check_study_name(study_name)
     return f"sqlite:///{root / study_name / 'droptune.db'}"
 
 
@@ -147,16 +171,24 @@ def open_storage(
     heartbeat_interval: int | None = None,
     grace_period: int | None = None,
     retry_stale: bool = True,
+    existing: bool = False,
 ) -> Any:
     """An ``optuna.storages.RDBStorage`` for ``url`` (tables created if missing).
 
+    Args:
+        existing: Only open a storage that exists already (an SQLite file, or a database
+            that holds Optuna's tables): commands that read a study must never create one.
+
     Raises:
         SpecError: The URL does not parse or names an unsupported backend.
-        StorageError: The database cannot be reached or opened.
+        StorageError: ``existing`` and there is no such storage, or it cannot be opened.
+        StorageUnreachable: The database cannot be reached.
     """
     import optuna
 
     check_url(url)
+    if existing:
+        _check_exists(url)
     if url.startswith("sqlite"):
         try:
             prepare_sqlite(url)
@@ -182,10 +214,42 @@ def open_storage(
                 time.sleep(0.2 * (attempt + 1))
                 continue
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise StorageError(
+            raise StorageUnreachable(
                 f"storage {mask_url(url)!r} is unreachable: {message.replace(url, mask_url(url))}"
             ) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _check_exists(url: str) -> None:
+    """StorageError unless ``url`` names a storage that exists (nothing is created)."""
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if not database or database == ":memory:" or not Path(database).is_file():
+            raise StorageError(
+                f"no such storage: {mask_url(url)!r} ({database or 'in-memory'} is not an "
+                "existing SQLite file); give the storage the study was created in"
+            )
+        return
+    engine = sa.create_engine(url, **engine_kwargs(url))
+    try:
+        with engine.connect() as conn:
+            has_studies = sa.inspect(conn).has_table("studies")
+    except Exception as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StorageUnreachable(
+            f"storage {mask_url(url)!r} is unreachable: {message.replace(url, mask_url(url))}"
+        ) from None
+    finally:
+        engine.dispose()
+    if not has_studies:
+        raise StorageError(
+            f"no such storage: {mask_url(url)!r} holds no Optuna study tables; give the "
+            "storage the study was created in"
+        )
 
 
 #: How long a storage call keeps retrying while the database is unreachable (e.g. PostgreSQL
@@ -854,6 +918,22 @@ def _feasible(study: Any, number: int, values: Any) -> list[float] | None:
 
 _CREATE_ATTEMPTS = 5
 _RACE_MARKERS = ("already exists", "duplicate key", "unique constraint")
+
+
+def create_tables(metadata: Any, engine: Any, attempts: int = 5) -> None:
+    """``metadata.create_all(engine)`` when other processes may create the same tables at
+    the same moment (workers started together on a fresh database): a lost race is retried,
+    by when the tables exist."""
+    import sqlalchemy as sa
+
+    for attempt in range(attempts):
+        try:
+            metadata.create_all(engine, checkfirst=True)
+            return
+        except sa.exc.DBAPIError as exc:
+            if not creation_race(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def creation_race(exc: BaseException) -> bool:

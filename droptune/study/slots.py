@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from droptune.storage import creation_race
+from droptune.storage import create_tables
 from droptune.storage import engine_kwargs
 from droptune.storage import retry_outage
 
@@ -53,15 +53,7 @@ class Slots:
     def __init__(self, url: str, study_name: str) -> None:
         self.study_name = study_name
         self.engine = sa.create_engine(url, **engine_kwargs(url))
-        for attempt in range(5):
-            try:
-                _metadata.create_all(self.engine, checkfirst=True)
-                break
-            except sa.exc.DBAPIError as exc:
-                # Another worker created the table between the check and the CREATE.
-                if not creation_race(exc) or attempt == 4:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
+        create_tables(_metadata, self.engine)
 
     def close(self) -> None:
         self.engine.dispose()

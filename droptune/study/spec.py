@@ -27,6 +27,7 @@ from droptune.config import TrainConfig
 from droptune.config import load_yaml_mapping
 from droptune.exceptions import ConfigError
 from droptune.exceptions import SpecError
+from droptune.storage import STUDY_NAME_PATTERN
 
 
 __all__ = [
@@ -136,7 +137,7 @@ class Distribution(StrictModel):
 class StudySection(StrictModel):
     """``study``: name and objective(s)."""
 
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    name: str
     metric: str | None = None
     direction: Literal["minimize", "maximize"] | None = None
     metrics: list[str] | None = None
@@ -146,6 +147,16 @@ class StudySection(StrictModel):
     #: ``enqueue_trial``), so that the best trial is never worse on validation than the
     #: defaults and reports can compare tuned with default.
     baseline: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(STUDY_NAME_PATTERN, value):
+            raise ValueError(
+                "not a study name; use 1-200 letters, digits, '_', '.' or '-', starting with "
+                "a letter or digit (it names the folder runs/<study>/)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _objectives(self) -> StudySection:

@@ -48,6 +48,9 @@ _MAX_PARAM = 6000  # MLflow's param value limit is 6000 characters
 
 def default_tracking_uri(study_name: str, root: Path = Path("runs")) -> str:
     """``sqlite:///runs/<study>/mlflow.db`` (its artifacts go to ``runs/<study>/mlartifacts``)."""
+    from droptune.storage import check_study_name
+
+    check_study_name(study_name)
     return f"sqlite:///{root / study_name / 'mlflow.db'}"
 
 

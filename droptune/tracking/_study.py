@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from droptune.exceptions import TrackingError
 from droptune.storage import MASK
+from droptune.storage import create_tables
 from droptune.storage import engine_kwargs
 from droptune.storage import mask_url
 from droptune.storage import set_user_attrs
@@ -78,7 +79,7 @@ def _claim_once(
     """Run ``create()`` in exactly one process per (study, key) and return its value."""
     engine = sa.create_engine(storage_url, **engine_kwargs(storage_url))
     try:
-        _metadata.create_all(engine, checkfirst=True)
+        create_tables(_metadata, engine)
         where = (_meta.c.study_name == study_name) & (_meta.c.key == key)
         try:
             with engine.begin() as conn:
@@ -114,7 +115,7 @@ def _claim_once(
 def _meta_get(storage_url: str, study_name: str, key: str) -> str | None:
     engine = sa.create_engine(storage_url, **engine_kwargs(storage_url))
     try:
-        _metadata.create_all(engine, checkfirst=True)
+        create_tables(_metadata, engine)
         with engine.begin() as conn:
             row = conn.execute(
                 sa.select(_meta.c.value).where(
@@ -129,7 +130,7 @@ def _meta_get(storage_url: str, study_name: str, key: str) -> str | None:
 def _meta_set(storage_url: str, study_name: str, key: str, value: str) -> None:
     engine = sa.create_engine(storage_url, **engine_kwargs(storage_url))
     try:
-        _metadata.create_all(engine, checkfirst=True)
+        create_tables(_metadata, engine)
         where = (_meta.c.study_name == study_name) & (_meta.c.key == key)
         with engine.begin() as conn:
             if conn.execute(_meta.update().where(where).values(value=value)).rowcount == 0:
@@ -579,7 +580,7 @@ class StudyTracking:
         """Drop the recorded parent run (it does not exist on this tracking server)."""
         engine = sa.create_engine(self.storage_url, **engine_kwargs(self.storage_url))
         try:
-            _metadata.create_all(engine, checkfirst=True)
+            create_tables(_metadata, engine)
             with engine.begin() as conn:
                 conn.execute(
                     _meta.delete().where(
