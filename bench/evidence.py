@@ -58,12 +58,18 @@ TOP_K, CONFIRM_SEEDS = 3, 3
 
 #: Pruners replayed over the recorded curves: (label, spec pruner section).
 PRUNERS: list[tuple[str, dict[str, Any]]] = [
-    ("median, warm-up 2 (old default)", {"name": "median", "n_startup_trials": 5, "n_warmup_steps": 2}),
+    (
+        "median, warm-up 2 (old default)",
+        {"name": "median", "n_startup_trials": 5, "n_warmup_steps": 2},
+    ),
     ("median, warm-up 10", {"name": "median", "n_startup_trials": 5, "n_warmup_steps": 10}),
-    ("median, warm-up 1/3 of max epochs", {"name": "median", "n_startup_trials": 5, "warmup_fraction": 1 / 3}),
+    (
+        "median, warm-up 1/3 of max epochs",
+        {"name": "median", "n_startup_trials": 5, "warmup_fraction": 1 / 3},
+    ),
     ("ASHA, min 5 epochs, factor 3", {"name": "asha", "min_resource": 5, "reduction_factor": 3}),
     ("ASHA, min 10 epochs, factor 3", {"name": "asha", "min_resource": 10, "reduction_factor": 3}),
-]  # fmt: skip
+]
 
 log = logging.getLogger("evidence")
 
@@ -188,7 +194,11 @@ def naive(spec: Any, budget_s: float) -> dict[str, Any]:
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, spec, base)
         history = _History()
-        fit(base.with_overrides({**params, "train.seed": trial.number}), test=False, callbacks=[history])
+        fit(
+            base.with_overrides({**params, "train.seed": trial.number}),
+            test=False,
+            callbacks=[history],
+        )
         values = [row[metric] for row in history.rows if math.isfinite(row.get(metric, math.nan))]
         return min(values) if values else math.inf
 
@@ -199,7 +209,9 @@ def naive(spec: Any, budget_s: float) -> dict[str, Any]:
     study.optimize(objective, timeout=budget_s)
     best = study.best_trial
     return {
-        "config": base.with_overrides({**best.params, "train.num_threads": spec.base.train.num_threads}),
+        "config": base.with_overrides(
+            {**best.params, "train.num_threads": spec.base.train.num_threads}
+        ),
         "trials": len(study.trials),
         "wall_s": time.perf_counter() - started,
     }
@@ -219,7 +231,9 @@ def replay(study: Any, spec: Any, confirmed_best: int) -> list[dict[str, Any]]:
         study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number
     )
     curves = {
-        t.number: [row[metric] for row in t.user_attrs.get("droptune.history", []) if metric in row]
+        t.number: [
+            row[metric] for row in t.user_attrs.get("droptune.history", []) if metric in row
+        ]
         for t in finished
     }
     full = sum(len(c) for c in curves.values())
@@ -280,12 +294,18 @@ def article(name: str, base: Any) -> dict[str, Any]:
     if name == "mnist1d-cnn":
         return {
             "CNN spatial dropout": base.with_overrides({"regularization.dropout.kind": "spatial"}),
-            "CNN standard dropout": base.with_overrides({"regularization.dropout.kind": "standard"}),
+            "CNN standard dropout": base.with_overrides(
+                {"regularization.dropout.kind": "standard"}
+            ),
         }
     if name == "mnist1d-gru":
         return {
-            "GRU variational dropout": base.with_overrides({"regularization.dropout.kind": "variational"}),
-            "GRU standard (naive) dropout": base.with_overrides({"regularization.dropout.kind": "standard"}),
+            "GRU variational dropout": base.with_overrides(
+                {"regularization.dropout.kind": "variational"}
+            ),
+            "GRU standard (naive) dropout": base.with_overrides(
+                {"regularization.dropout.kind": "standard"}
+            ),
         }
     if name == "mnist1d-mlp":
         plain = no_regularization(base)
@@ -303,7 +323,7 @@ def article(name: str, base: Any) -> dict[str, Any]:
                 {"regularization.early_stopping.patience": reg.early_stopping.patience}
             ),
         }
-    return {}  # fmt: skip
+    return {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,12 +357,9 @@ def run_family(name: str, info: dict[str, Any], work: Path, quick: bool) -> dict
     seeds = [trial_seed(spec.study.seed, 2_000_000 + i) for i in range(2 if quick else EVAL_SEEDS)]
     configs = [c for config in arms.values() for c in seeded(config, seeds)]
     accs = test_accuracies(configs)
-    results = {
-        label: accs[i * len(seeds) : (i + 1) * len(seeds)] for i, label in enumerate(arms)
-    }
+    results = {label: accs[i * len(seeds) : (i + 1) * len(seeds)] for i, label in enumerate(arms)}
     diff = [
-        c - d
-        for c, d in zip(results["tuned + confirmed"], results["spec default"], strict=True)
+        c - d for c, d in zip(results["tuned + confirmed"], results["spec default"], strict=True)
     ]
     return {
         "name": name,
@@ -351,17 +368,23 @@ def run_family(name: str, info: dict[str, Any], work: Path, quick: bool) -> dict
         "confirm_s": tuned["confirm_s"],
         "naive_trials": naive_run["trials"],
         "baseline_trial_value": next(
-            (t.value for t in study.get_trials(deepcopy=False) if t.user_attrs.get("droptune.baseline")),
+            (
+                t.value
+                for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get("droptune.baseline")
+            ),
             None,
         ),
         "tuned_trial": top.number,
         "confirmed_trial": confirmed.best_trial,
-        "confirmed_params": next(t.params for t in study.trials if t.number == confirmed.best_trial),
+        "confirmed_params": next(
+            t.params for t in study.trials if t.number == confirmed.best_trial
+        ),
         "test_acc": results,
         "paired_diff": diff,
         "pruning": replay(study, spec, confirmed.best_trial),
         "wall_s": time.perf_counter() - started,
-    }  # fmt: skip
+    }
 
 
 def markdown(families: list[dict[str, Any]]) -> str:
@@ -391,9 +414,10 @@ def markdown(families: list[dict[str, Any]]) -> str:
         )
     lines += [
         "",
-        "| study | pruner (replayed) | epochs trained | speed-up | pruned | confirmed best pruned | best kept / best |",
+        "| study | pruner (replayed) | epochs trained | speed-up | pruned "
+        "| confirmed best pruned | best kept / best |",
         "|---|---|---:|---:|---:|---|---|",
-    ]  # fmt: skip
+    ]
     for fam in families:
         for row in fam["pruning"]:
             lines.append(
@@ -449,7 +473,9 @@ def main() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    os.environ.setdefault("DROPTUNE_CACHE_DIR", str(Path(tempfile.gettempdir()) / "droptune-cache"))
+    os.environ.setdefault(
+        "DROPTUNE_CACHE_DIR", str(Path(tempfile.gettempdir()) / "droptune-cache")
+    )
     names = [n.strip() for n in args.families.split(",") if n.strip()]
     unknown = [n for n in names if n not in FAMILIES]
     if unknown:

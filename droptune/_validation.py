@@ -76,7 +76,10 @@ def check_document_size(data: Any, what: str, error: type[ConfigError] = ConfigE
 class StrictModel(BaseModel):
     """Base of every validated config object: unknown keys and wrong types are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
+    # allow_inf_nan: a non-finite number (``lr: .inf``) fails every trial; refuse it here.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, validate_default=True, allow_inf_nan=False
+    )
 
 
 def _field_names(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str] | None:

@@ -90,7 +90,43 @@ def _load_train_config(path: Path) -> Any:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     data = load_yaml_mapping(path.read_text(), what=str(path))
     fixed = {k: v for k, v in data.items() if k not in SPEC_ONLY_SECTIONS}
+    if not fixed:
+        raise ConfigError(
+            f"{path}: no training section; a config needs at least one of data, model, train, "
+            "regularization (an exported best config or a study spec has them)"
+        )
     return TrainConfig.from_dict(fixed)
+
+
+def _output_dir(path: Path, option: str) -> Path:
+    """Create ``path`` (a folder) or fail with a ConfigError naming ``option``."""
+    from droptune.exceptions import ConfigError
+
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option}: {str(path)!r} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".droptune-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"{option}: cannot write to {str(path)!r}: {exc.strerror or exc}"
+        ) from None
+    return path
+
+
+def _write_output(path: Path, text: str, option: str) -> None:
+    """Write a result file or fail with a ConfigError naming ``option``."""
+    from droptune.exceptions import ConfigError
+
+    if path.is_dir():
+        raise ConfigError(f"{option}: {str(path)!r} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:
+        raise ConfigError(f"{option}: cannot write {str(path)!r}: {exc.strerror or exc}") from None
 
 
 @app.command()
@@ -113,6 +149,9 @@ def train(
 ) -> None:
     """Train one model from a config file; print validation and test metrics, save the
     checkpoint and the resolved config."""
+    from droptune.exceptions import ConfigError
+    from droptune.study.spec import check_data_source
+
     cfg = _load_train_config(config)
     overrides: dict[str, Any] = _devices_overrides(devices)
     if max_epochs is not None:
@@ -121,8 +160,11 @@ def train(
         overrides["train.seed"] = seed
     if overrides:
         cfg = cfg.with_overrides(overrides)
-    out = output or Path("runs") / f"train-{datetime.now():%Y%m%d-%H%M%S}"
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # every check before anything is written
+        check_data_source(cfg.data)
+    except ConfigError as exc:
+        raise ConfigError(f"{config}: {exc}") from None
+    out = _output_dir(output or Path("runs") / f"train-{datetime.now():%Y%m%d-%H%M%S}", "--output")
     (out / "config.yaml").write_text(cfg.to_yaml())
     _quiet_lightning()
     from droptune.training import fit
@@ -171,6 +213,14 @@ def _spec_and_url(
         from droptune.storage import check_url
 
         check_url(storage, "--storage")
+    if spec.tracking.enabled and not spec.tracking.uri:
+        import os
+
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        if env:  # checked before anything is created, as tracking.uri is
+            from droptune.tracking._client import check_tracking_uri
+
+            check_tracking_uri(env, "MLFLOW_TRACKING_URI")
     return spec, storage or spec.storage or default_url(name), name
 
 
@@ -365,6 +415,7 @@ def status(
         )
         if reaped:
             typer.echo(f"  failed {reaped} stale trial(s) whose worker stopped beating")
+            _close_reaped_runs(opened, url)
         spent = timing_summary(opened)
         if spent is not None:
             typer.echo(f"  {spent}")
@@ -384,6 +435,25 @@ def status(
             )
 
 
+def _close_reaped_runs(study: Any, url: str) -> None:
+    """Whoever reaps trials ends their MLflow runs FAILED (and settles the study's run), best
+    effort: ``status`` reports on the study even when MLflow is down."""
+    from droptune.tracking import StudyTracking
+
+    recorded = study.user_attrs.get("droptune.spec") or {}
+    if not (recorded.get("tracking") or {}).get("enabled", True):
+        return
+    try:
+        tracking = StudyTracking.for_study(study, url)
+        closed = tracking.close_ended_runs(study)
+        tracking.settle_parent(study)
+    except Exception as exc:
+        log.warning("could not end the reaped trials' MLflow runs (%s); `droptune sync` does", exc)
+        return
+    if closed:
+        typer.echo(f"  ended the MLflow runs of trial(s) {', '.join(map(str, closed))} as FAILED")
+
+
 @app.command()
 def studies(storage: StorageOpt = None) -> None:
     """List the studies in a storage."""
@@ -398,7 +468,7 @@ def studies(storage: StorageOpt = None) -> None:
         typer.echo(f"{summary.study_name}\ttrials={summary.n_trials}\tbest={best}")
 
 
-def _best_config_text(storage: str | None, study: str, fmt: str) -> str:
+def _best_config_text(storage: str | None, study: str, fmt: str) -> tuple[str, str]:
     from droptune.export import best_trial
     from droptune.export import load_study
     from droptune.export import trial_config
@@ -409,18 +479,17 @@ def _best_config_text(storage: str | None, study: str, fmt: str) -> str:
     confirmed = confirmation_of(opened)
     if confirmed is not None and confirmed.best_trial == chosen.number:
         best = confirmed.best
-        typer.echo(
+        note = (
             f"trial {chosen.number}: the confirmed best ({confirmed.metric} {best.mean:.5g} "
             f"mean over {len(best.values)} seeds; `droptune confirm` chose it from the top "
-            f"{len(confirmed.candidates)})",
-            err=True,
+            f"{len(confirmed.candidates)})"
         )
     else:
-        typer.echo(f"trial {chosen.number}: the best value, not confirmed", err=True)
+        note = f"trial {chosen.number}: the best value, not confirmed"
     cfg = trial_config(opened, chosen)
     if fmt == "json":
-        return json.dumps(cfg.to_dict(), indent=2) + "\n"
-    return cfg.to_yaml()
+        return json.dumps(cfg.to_dict(), indent=2) + "\n", note
+    return cfg.to_yaml(), note
 
 
 @app.command()
@@ -430,7 +499,9 @@ def best(
     format_: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
 ) -> None:
     """Print the best trial's full training config (accepted by `droptune train`)."""
-    typer.echo(_best_config_text(storage, study, _check_format(format_)), nl=False)
+    text, note = _best_config_text(storage, study, _check_format(format_))
+    typer.echo(note, err=True)
+    typer.echo(text, nl=False)
 
 
 @app.command()
@@ -493,9 +564,9 @@ def export(
     format_: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
 ) -> None:
     """Write the best trial's full training config to a file."""
-    text = _best_config_text(storage, study, _check_format(format_))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text)
+    text, note = _best_config_text(storage, study, _check_format(format_))
+    _write_output(output, text, "--output")
+    typer.echo(note, err=True)
     typer.echo(f"wrote {output}")
 
 
@@ -513,13 +584,9 @@ def _study_tracking(study: str, storage: str | None, tracking_uri: str | None) -
 
 
 def _check_tracking_uri(uri: str) -> None:
-    allowed = ("http://", "https://", "sqlite:///", "postgresql", "mysql", "databricks")
-    if not uri.startswith(allowed):
-        raise typer.BadParameter(
-            f"unsupported tracking URI {_mask(uri)!r}; allowed: http(s)://host:port, "
-            "sqlite:///path.db, postgresql://..., mysql://...",
-            param_hint="--tracking-uri",
-        )
+    from droptune.tracking._client import check_tracking_uri
+
+    check_tracking_uri(uri, "--tracking-uri")
 
 
 def _mask(text: str) -> str:
@@ -539,6 +606,7 @@ def sync(
 
     opened, tracking = _study_tracking(study, storage, tracking_uri)
     report = _tracking_call(tracking, lambda: sync_study(opened, tracking))
+    _tracking_call(tracking, lambda: tracking.settle_parent(opened))
     typer.echo(f"study {study} → MLflow {_mask(tracking.uri)}")
     typer.echo(
         f"runs created {len(report.created)}, completed {len(report.completed)}, adopted "
@@ -564,6 +632,8 @@ def report(
         for path in write_study_artifacts(opened, output):
             typer.echo(f"wrote {path}")
     names = _tracking_call(tracking, lambda: tracking.report(opened))
+    _tracking_call(tracking, lambda: tracking.close_ended_runs(opened))
+    _tracking_call(tracking, lambda: tracking.settle_parent(opened))
     parent = tracking.parent_run_id(opened)
     typer.echo(f"uploaded {len(names)} artifacts to run {parent}: {', '.join(names)}")
 

@@ -50,6 +50,8 @@ __all__ = [
 #: Places in a network where dropout can sit; :meth:`DropoutConfig.for_site` maps each to a
 #: (kind, rate) pair.
 SITES = ("input", "hidden", "conv", "sequence", "attention", "residual", "embedding")
+#: The most torch threads a config may ask for.
+MAX_THREADS = 1024
 
 _SITE_KINDS: dict[str, frozenset[str]] = {
     "input": frozenset(ELEMENTWISE_KINDS),
@@ -338,7 +340,8 @@ class TrainSettings(StrictModel):
     precision: Literal["32-true", "16-mixed", "bf16-mixed", "64-true"] = "32-true"
     gradient_clip: float | None = Field(default=None, gt=0.0)
     deterministic: bool = False
-    num_threads: PositiveInt | None = None
+    #: torch's intra-op threads (bounded: torch refuses absurd counts in every trial).
+    num_threads: int | None = Field(default=None, ge=1, le=MAX_THREADS)
     #: ``torch.set_float32_matmul_precision`` for float32 training: ``high`` lets CUDA matrix
     #: products use TF32 tensor cores (as Lightning's start-up hint suggests), ``medium`` bf16;
     #: null leaves torch's setting (``highest``) alone.
@@ -443,6 +446,22 @@ class _SafeLoader(yaml.SafeLoader):
 
     A scalar its constructor cannot read (``2020-13-45``, ``!!int x``, ``!!bool maybe``, an
     integer of more than 4300 digits) is a YAML error at its line, not a ValueError."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        # YAML lets the last of two equal keys win silently; a spec with both is a mistake.
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f"duplicate key {key_node.value!r}",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 import re
 import sqlite3
@@ -64,9 +65,35 @@ MASK = "***"
 _PASSWORD_IN_URL = re.compile(r"(\b[A-Za-z][\w+.-]*://[^:/@\s'\"]*:)([^@\s'\"/]+)(@)")
 
 
+#: Query or DSN parameters that carry a credential (``?password=...``, libpq's
+#: ``password=... sslpassword=...``, tokens).
+_SECRET_PARAM = re.compile(
+    r"((?:^|[?&;\s])(?:password|passwd|pwd|sslpassword|secret|token|access_token|api_key)=)"
+    r"([^&;\s'\"#]+)",
+    re.IGNORECASE,
+)
+#: Environment variables whose values are credentials the database and MLflow clients read.
+SECRET_ENV = (
+    "PGPASSWORD",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    "POSTGRES_PASSWORD",
+)
+
+
 def mask_text(text: str) -> str:
-    """``text`` with the password of every ``scheme://user:password@host`` URL in it masked."""
-    return _PASSWORD_IN_URL.sub(rf"\g<1>{MASK}\g<3>", text)
+    """``text`` with every credential in it masked: the password of each
+    ``scheme://user:password@host`` URL, credential query/DSN parameters
+    (``?password=...``) and the values of the credential environment variables
+    (:data:`SECRET_ENV`)."""
+    text = _PASSWORD_IN_URL.sub(rf"\g<1>{MASK}\g<3>", text)
+    text = _SECRET_PARAM.sub(rf"\g<1>{MASK}", text)
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, MASK)
+    return text
 
 
 class MaskingFilter(logging.Filter):
@@ -95,9 +122,9 @@ def mask_url(url: str) -> str:
         parsed = make_url(url)
     except Exception:
         return mask_text(url)
-    if parsed.password is None:
-        return url
-    return parsed.render_as_string(hide_password=True)
+    if parsed.password is not None:
+        url = parsed.render_as_string(hide_password=True)
+    return mask_text(url)
 
 
 def check_url(url: str, field: str = "storage") -> None:
@@ -115,6 +142,35 @@ def check_url(url: str, field: str = "storage") -> None:
         raise SpecError(
             f"{field}: unsupported backend {parsed.get_backend_name()!r}; allowed: "
             f"{', '.join(_DRIVERS)}"
+        )
+    _check_driver(parsed, field)
+
+
+#: Database drivers by SQLAlchemy dialect name, with what installs them.
+_DRIVER_PACKAGES = {
+    "psycopg": ("psycopg", "pip install 'droptune[postgres]'"),
+    "psycopg2": ("psycopg2", "pip install psycopg2-binary, or use postgresql+psycopg:// with "
+                 "pip install 'droptune[postgres]'"),
+    "pymysql": ("pymysql", "pip install pymysql"),
+    "mysqldb": ("MySQLdb", "pip install mysqlclient"),
+}  # fmt: skip
+
+
+def _check_driver(parsed: Any, field: str) -> None:
+    """SpecError when the URL's database driver is not installed (saying what installs it),
+    instead of an import error deep in SQLAlchemy."""
+    import importlib.util
+
+    if parsed.get_backend_name() == "sqlite":
+        return
+    try:
+        driver = parsed.get_dialect().driver
+    except Exception:  # SQLAlchemy imports the driver's dialect module lazily
+        driver = parsed.get_driver_name()
+    module, install = _DRIVER_PACKAGES.get(driver, (None, ""))
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise SpecError(
+            f"{field}: the {parsed.drivername!r} driver ({module}) is not installed: {install}"
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import os
 from pathlib import Path
 import random
@@ -94,8 +95,10 @@ def load_csv(path: str, target: str, task: str) -> tuple[np.ndarray, np.ndarray,
     are mapped to 0..K-1 in sorted order, for regression they must be numeric.
     """
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise ConfigError(f"data.path: file {path!r} does not exist")
+    if not file.is_file():
+        raise ConfigError(f"data.path: {path!r} is not a file (a CSV file with a header row)")
     with file.open(newline="") as handle:
         rows = list(csv.reader(handle))
     if len(rows) < 2:
@@ -115,20 +118,34 @@ def load_csv(path: str, target: str, task: str) -> tuple[np.ndarray, np.ndarray,
             )
         for c, i in enumerate(features):
             try:
-                x[r, c] = float(row[i])
+                x[r, c] = value = float(row[i])
             except ValueError:
                 raise ConfigError(
                     f"data.path: column {header[i]!r} of {path!r} is not numeric "
                     f"(line {r + 2}: {row[i]!r})"
                 ) from None
+            if not math.isfinite(value):
+                raise ConfigError(
+                    f"data.path: column {header[i]!r} of {path!r} holds {row[i]!r} at line "
+                    f"{r + 2}; every value must be a finite number (fill or drop missing ones)"
+                )
     labels = [row[t] for row in body]
+    empty = next((r for r, v in enumerate(labels) if not v.strip()), None)
+    if empty is not None:
+        raise ConfigError(f"data.target: column {target!r} is empty at line {empty + 2}")
     if task == "regression":
         try:
-            return x, np.array([float(v) for v in labels], dtype=np.float32), None
+            y = np.array([float(v) for v in labels], dtype=np.float32)
         except ValueError:
             raise ConfigError(
                 f"data.target: column {target!r} must be numeric for regression"
             ) from None
+        if not np.isfinite(y).all():
+            line = int(np.flatnonzero(~np.isfinite(y))[0]) + 2
+            raise ConfigError(
+                f"data.target: column {target!r} holds a non-finite value at line {line}"
+            )
+        return x, y, None
     classes = sorted(set(labels), key=_label_key)
     index = {label: k for k, label in enumerate(classes)}
     return x, np.array([index[v] for v in labels], dtype=np.int64), len(classes)

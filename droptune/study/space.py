@@ -129,6 +129,19 @@ def check_search_space(spec: StudySpec, base: TrainConfig) -> None:
                 base.with_overrides({path: value})
             except ConfigError as exc:
                 raise SpecError(f"{where}: candidate {value!r} is invalid: {exc}") from None
+        missing = _missing_site(path, base)
+        if missing:
+            raise SpecError(f"{where}: {missing}")
+
+
+def _missing_site(path: str, base: TrainConfig) -> str | None:
+    """Why the model has no layer this rate could act on (None if it has one)."""
+    family = base.model.family
+    if path.endswith(".hidden_rate") and family == "mlp" and not base.model.hidden:
+        return "model.hidden is empty: the MLP has no hidden layer for this rate to act on"
+    if path.endswith(".conv_rate") and family == "cnn" and not base.model.channels:
+        return "model.channels is empty: the CNN has no convolution for this rate to act on"
+    return None
 
 
 def _value_at(tree: dict[str, Any], path: str) -> Any:

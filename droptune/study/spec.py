@@ -218,6 +218,18 @@ class TrackingSection(StrictModel):
     uri: str | None = None
     experiment: str | None = None
 
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        from droptune.tracking._client import TRACKING_SCHEMES
+
+        if value is not None and not value.startswith(TRACKING_SCHEMES):
+            raise ValueError(
+                "unsupported tracking URI; allowed: http(s)://host:port, sqlite:///path.db, "
+                "postgresql://..., mysql://..., databricks"
+            )
+        return value
+
 
 class ExecutionSection(StrictModel):
     workers: int = Field(default=1, ge=0)
@@ -290,6 +302,7 @@ def spec_from_dict(data: Any, source: str = "spec") -> StudySpec:
     from droptune.study.space import check_search_space
 
     check_search_space(spec, base)
+    _check_metrics(spec, base)
     if spec.sampler.name == "nsgaii" and len(spec.study.objectives) < 2:
         raise SpecError(
             "sampler.name: nsgaii is for multi-objective studies (study.metrics); "
@@ -322,6 +335,28 @@ def spec_from_dict(data: Any, source: str = "spec") -> StudySpec:
     return spec
 
 
+#: What droptune's own modules log every epoch (and derive), by task.
+_LOGGED = {
+    "classification": ("train_loss", "train_acc", "val_loss", "val_acc"),
+    "regression": ("train_loss", "val_loss", "val_rmse"),
+}
+
+
+def _check_metrics(spec: StudySpec, base: TrainConfig) -> None:
+    """Every objective is a metric the model logs. A user's own LightningModule or
+    DataModule may log anything, so only droptune's own modules on its own data are known."""
+    if base.model.family == "custom" or base.data.name == "datamodule":
+        return
+    logged = [*_LOGGED[base.data.task], "val_train_gap", "lr", "epoch_time"]
+    for metric in spec.study.objectives:
+        if metric not in logged:
+            field = "study.metric" if spec.study.metrics is None else "study.metrics"
+            raise SpecError(
+                f"{field}: {metric!r} is never logged by model.family {base.model.family!r} "
+                f"on {base.data.task} data; logged: {', '.join(logged)}"
+            )
+
+
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study spec YAML file (safe loader only), and import the user classes
     it names (``data.datamodule``, ``model.target``: nothing else in a spec is code).
@@ -342,7 +377,21 @@ def load_spec(path: str | Path) -> StudySpec:
     spec = spec_from_dict(data, str(file))
     _check_sampler_installed(spec)
     _check_user_code(spec)
+    try:
+        check_data_source(spec.base.data)
+    except ConfigError as exc:
+        raise SpecError(str(exc)) from None
     return spec
+
+
+def check_data_source(data: Any) -> None:
+    """Open the data a config names where that is cheap and decisive, so that a file every
+    trial would fail on is an error before anything is created: a CSV file is read and its
+    columns and values checked (ConfigError naming the field otherwise)."""
+    if data.name == "csv":
+        from droptune.data import load_csv
+
+        load_csv(data.path, data.target, data.task)
 
 
 #: Samplers that need a package droptune does not depend on.

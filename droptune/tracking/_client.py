@@ -26,7 +26,14 @@ from droptune.storage import mask_url
 from droptune.storage import prepare_sqlite
 
 
-__all__ = ["STATUS_BY_STATE", "Tracker", "default_tracking_uri", "flatten"]
+__all__ = [
+    "STATUS_BY_STATE",
+    "TRACKING_SCHEMES",
+    "Tracker",
+    "check_tracking_uri",
+    "default_tracking_uri",
+    "flatten",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,24 @@ PARENT_ATTR = "droptune.mlflow_parent_run_id"
 ERROR_ATTR = "droptune.tracking_error"
 
 _MAX_PARAM = 6000  # MLflow's param value limit is 6000 characters
+
+
+#: The tracking URI forms droptune accepts (MLflow's server, its database stores, Databricks).
+TRACKING_SCHEMES = ("http://", "https://", "sqlite:///", "postgresql", "mysql", "databricks")
+
+
+def check_tracking_uri(uri: str, field: str) -> str:
+    """``uri`` if it is a tracking URI droptune can use, else TrackingError naming ``field``
+    (a garbage or ``ftp://`` URI would make every trial warn and record nothing)."""
+    from droptune.exceptions import SpecError
+    from droptune.storage import mask_text
+
+    if not uri.startswith(TRACKING_SCHEMES):
+        raise SpecError(
+            f"{field}: unsupported tracking URI {mask_text(uri)!r}; allowed: "
+            "http(s)://host:port, sqlite:///path.db, postgresql://..., mysql://..., databricks"
+        )
+    return uri
 
 
 def default_tracking_uri(study_name: str, root: Path = Path("runs")) -> str:

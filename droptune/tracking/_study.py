@@ -531,6 +531,31 @@ class StudyTracking:
             )
             return []
 
+    def settle_parent(self, study: optuna.Study) -> str | None:
+        """Bring the study's run to the state its trials say: FINISHED when the study has
+        all its trials, KILLED when it has not and no trial is running (a ``run`` that was
+        killed left it RUNNING); left alone while trials run. Returns the status set."""
+        from droptune.storage import trial_states
+        from droptune.study.slots import Slots
+
+        parent = study.user_attrs.get(PARENT_ATTR)
+        if not parent:
+            return None
+        states = trial_states(study)
+        slots = Slots(self.storage_url, self.study_name)
+        try:
+            finished = slots.finished(states)
+        finally:
+            slots.close()
+        if not finished and "RUNNING" in states.values():
+            return None
+        status = "FINISHED" if finished else "KILLED"
+        client = self.tracker.client
+        if client.get_run(str(parent)).info.status != status:
+            self._log_study_metrics(study, str(parent))
+            client.set_terminated(str(parent), status)
+        return status
+
     def _log_study_metrics(self, study: optuna.Study, parent: str) -> None:
         """Trial counts by state and the best value(s) so far, on the parent run."""
         from mlflow.entities import Metric

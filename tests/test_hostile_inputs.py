@@ -1,0 +1,192 @@
+"""Hostile input, one row per case an outside probe found (and its neighbours): each row runs
+the real command line in a sandbox and asserts the exit code, one short message naming the
+field, no traceback, and that nothing was created (no study, no ``runs/``, no file outside the
+working directory). Classes: study names that escape ``runs/``; inputs that would fail every
+trial (data files, metrics, non-finite numbers, thread counts, empty layers, duplicate YAML
+keys, tracking URIs); read-only commands on a storage that does not exist; unwritable outputs;
+credentials in query parameters; an unreachable database (exit 1, not 2)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_fuzz import TINY
+from tests.test_fuzz import _cli
+from tests.test_fuzz import _cli_sandbox
+from tests.test_fuzz import _dump
+from tests.test_fuzz import _no_study_anywhere
+from tests.test_fuzz import _set
+
+
+def _spec(**changes: Any) -> str:
+    data = TINY
+    for path, value in changes.items():
+        data = _set(data, path.replace("__", "."), value)
+    return _dump(data)
+
+
+def _csv_spec(path: str, target: str = "label") -> str:
+    return _dump({**TINY, "data": {"name": "csv", "path": path, "target": target}})
+
+
+SPECS: dict[str, str] = {
+    "inf-lr.yaml": _spec(train__lr=float("inf")),
+    "nan-l2.yaml": _spec(regularization__l2__strength=float("nan")),
+    "threads.yaml": _spec(train__num_threads=1_000_000),
+    "no-hidden.yaml": _dump(
+        {
+            **_set(TINY, "model.hidden", []),
+            "search": {"regularization.dropout.hidden_rate": {"low": 0.0, "high": 0.5}},
+        }
+    ),
+    "duplicate-key.yaml": "n_trials: 3\n" + _dump(TINY),
+    "metric.yaml": _spec(study__metric="val_accuracy"),
+    "metrics.yaml": _dump(
+        {
+            **TINY,
+            "study": {
+                "name": "tiny",
+                "metrics": ["val_loss", "val_rmse"],
+                "directions": ["minimize", "minimize"],
+            },
+            "sampler": {"name": "nsgaii"},
+        }
+    ),
+    "csv-missing.yaml": _csv_spec("nope.csv"),
+    "csv-dir.yaml": _csv_spec("folder.csv"),
+    "csv-target.yaml": _csv_spec("good.csv", target="nope"),
+    "csv-nan.yaml": _csv_spec("nan.csv"),
+    "csv-empty-cell.yaml": _csv_spec("empty.csv"),
+    "ftp-tracking.yaml": _dump({**TINY, "tracking": {"enabled": True, "uri": "ftp://x"}}),
+    "study-only.yaml": "study: {name: tiny}\n",
+    "empty-mapping.yaml": "{}\n",
+}
+CSVS = {
+    "good.csv": "a,b,label\n1,2,0\n3,4,1\n5,6,0\n",
+    "nan.csv": "a,b,label\n1,nan,0\n3,4,1\n",
+    "empty.csv": "a,b,label\n1,2,0\n3,,1\n",
+}
+
+#: (argv, what the one message must contain). ``{db}``: an SQLite file that does not exist;
+#: ``{abs}``: an absolute path outside the sandbox.
+ROWS: list[tuple[list[str], str]] = [
+    # a study name from the command line never becomes a path outside runs/
+    (["run", "valid.yaml", "--study-name", "../escape", "--workers", "0"], "--study-name"),
+    (["run", "valid.yaml", "--study-name", "{abs}", "--workers", "0"], "--study-name"),
+    (["run", "valid.yaml", "--study-name", "..", "--workers", "0"], "--study-name"),
+    (["worker", "valid.yaml", "--study-name", "../escape"], "--study-name"),
+    (["sync", "../escape"], "STUDY"),
+    (["report", ".."], "STUDY"),
+    (["ui", "{abs}"], "STUDY"),
+    (["confirm", "../escape"], "STUDY"),
+    (["best", "--study", "../escape"], "--study"),
+    (["export", "--study", "..", "-o", "out.yaml"], "--study"),
+    (["status", "--storage", "{db}", "--study", "../escape"], "--study"),
+    # read-only commands never create a storage
+    (["status", "--storage", "{db}"], "no such storage"),
+    (["studies", "--storage", "{db}"], "no such storage"),
+    (["best", "--study", "tiny", "--storage", "{db}"], "no such storage"),
+    (["export", "--study", "tiny", "--storage", "{db}", "-o", "out.yaml"], "no such storage"),
+    (["confirm", "tiny", "--storage", "{db}"], "no such storage"),
+    # inputs that would fail every trial are refused before anything is created
+    (["run", "inf-lr.yaml", "--storage", "{db}"], "train.lr"),
+    (["run", "nan-l2.yaml", "--storage", "{db}"], "regularization.l2.strength"),
+    (["run", "threads.yaml", "--storage", "{db}"], "train.num_threads"),
+    (["run", "no-hidden.yaml", "--storage", "{db}"], "model.hidden is empty"),
+    (["run", "duplicate-key.yaml", "--storage", "{db}"], "duplicate key 'n_trials'"),
+    (["run", "metric.yaml", "--storage", "{db}"], "study.metric"),
+    (["run", "metrics.yaml", "--storage", "{db}"], "study.metrics"),
+    (["run", "csv-missing.yaml", "--storage", "{db}"], "data.path"),
+    (["run", "csv-dir.yaml", "--storage", "{db}"], "data.path"),
+    (["run", "csv-target.yaml", "--storage", "{db}"], "data.target"),
+    (["run", "csv-nan.yaml", "--storage", "{db}"], "data.path"),
+    (["run", "csv-empty-cell.yaml", "--storage", "{db}"], "data.path"),
+    (["worker", "csv-nan.yaml", "--storage", "{db}"], "data.path"),
+    (["run", "ftp-tracking.yaml", "--storage", "{db}"], "tracking.uri"),
+    (["train", "csv-nan.yaml", "--output", "out"], "data.path"),
+    (["train", "inf-lr.yaml", "--output", "out"], "train.lr"),
+    (["train", "study-only.yaml", "--output", "out"], "no training section"),
+    (["train", "empty-mapping.yaml", "--output", "out"], "no training section"),
+    (["train", "valid.yaml", "--output", "/proc/droptune-x"], "--output"),
+    (["train", "good.csv", "--output", "out"], "good.csv"),
+    (["confirm", "tiny", "--storage", "{db}", "--top-k", "0"], "--top-k"),
+]
+
+
+@contextlib.contextmanager
+def _sandbox() -> Iterator[Path]:
+    with _cli_sandbox() as tmp:
+        for name, text in SPECS.items():
+            (tmp / name).write_text(text)
+        for name, text in CSVS.items():
+            (tmp / name).write_text(text)
+        (tmp / "folder.csv").mkdir()
+        yield tmp
+
+
+def _files(folder: Path) -> set[Path]:
+    return {p.relative_to(folder) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(("argv", "field"), ROWS, ids=[" ".join(r[0]) for r in ROWS])
+def test_hostile_input_exits_2_with_one_message_and_creates_nothing(
+    argv: list[str], field: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    with _sandbox() as tmp:
+        before = _files(tmp)
+        db = f"sqlite:///{tmp / 'missing.db'}"
+        argv = [a.replace("{db}", db).replace("{abs}", str(outside)) for a in argv]
+
+        code, out, err = _cli(argv, capsys)
+
+        shown = f"droptune {argv} -> {code}\nstdout: {out[-1500:]}\nstderr: {err[-1500:]}"
+        assert code == 2, shown
+        assert "Traceback" not in out + err, shown
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and field in lines[0], shown
+        assert _files(tmp) == before, shown  # no runs/, no missing.db, no out/, no config
+        _no_study_anywhere(tmp)
+        assert not (tmp / "escape").exists() and not outside.exists(), shown
+
+
+def test_a_password_in_a_query_parameter_is_never_shown(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An unreachable database is the environment failing: exit 1, one line, the password
+    masked in the message (as in every other output)."""
+    with _sandbox():
+        url = "postgresql+psycopg://droptune@127.0.0.1:1/x?password=s3cr3tpw&connect_timeout=2"
+
+        code, out, err = _cli(["run", "valid.yaml", "--storage", url, "--workers", "0"], capsys)
+
+        assert code == 1, err
+        assert "s3cr3tpw" not in out + err
+        assert "password=***" in err and "unreachable" in err
+        assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+
+
+def test_unwritable_export_outputs_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with _sandbox() as tmp:
+        db = f"sqlite:///{tmp / 'study.db'}"
+        assert _cli(["run", "valid.yaml", "--storage", db, "--workers", "0"], capsys)[0] == 0
+        # a study with a finished trial to export
+        import optuna
+
+        study = optuna.load_study(study_name="tiny", storage=db)
+        trial = study.ask()
+        trial.set_user_attr("droptune.seed", 1)
+        study.tell(trial, 1.0)
+        for target, message in [(".", "is a folder"), ("/proc/droptune-x", "cannot write")]:
+            code, out, err = _cli(
+                ["export", "--study", "tiny", "--storage", db, "-o", target], capsys
+            )
+            assert code == 2, err
+            assert "Traceback" not in out + err
+            assert f"--output: {target!r}" in err or f"--output: cannot write {target!r}" in err
+            assert message in err
