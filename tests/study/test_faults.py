@@ -433,3 +433,60 @@ def test_user_datamodule_error_keeps_the_traceback_and_the_worker_continues(
     tags = runs[failed.number].data.tags
     assert tags["droptune.error"].startswith("ValueError: FlakyDataModule.setup")
     assert "in setup" in tags["droptune.traceback"]
+
+
+# ----------------------------------------------------------------------------------------------
+# kill -9 of `run` and its workers: whoever reaps the trials ends their MLflow runs, and the
+# study's run follows its trials (KILLED while unfinished, FINISHED once complete).
+
+
+@pytest.mark.slow
+def test_sigkill_of_run_and_workers_leaves_no_mlflow_run_running(
+    procs: Procs,
+    write_spec: SpecWriter,
+    sqlite_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mlflow import MlflowClient
+
+    name = "kill-all"
+    tracking = tracking_section(tmp_path)
+    path = write_spec(
+        study={"name": name},
+        train=LONG_TRAIN,
+        execution=FAST_BEATS,
+        pruner={"name": "none"},
+        tracking=tracking,
+        n_trials=2,
+    )
+    proc = procs.start("run", str(path), "--workers", "1")
+    wait_for(lambda: running_trial(sqlite_url, name), 240, "a RUNNING trial", proc)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # run and its workers, with no chance to clean up
+    proc.wait(timeout=30)
+    wait_for(lambda: not group_alive(proc.pid), 30, "the killed processes to go")
+    client = MlflowClient(tracking["uri"])
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None
+
+    def statuses() -> dict[str, str]:
+        runs = client.search_runs([experiment.experiment_id])
+        return {r.info.run_name: r.info.status for r in runs}
+
+    assert "RUNNING" in statuses().values()  # what kill -9 leaves behind
+    time.sleep(GRACE + 2)
+
+    assert main(["status", "--storage", sqlite_url, "--study", name]) == 0
+
+    out = capsys.readouterr().out
+    assert "failed 1 stale trial(s)" in out and "as FAILED" in out, out
+    after = statuses()
+    assert "RUNNING" not in after.values(), after
+    assert after[name] == "KILLED"  # the study's run: unfinished, nothing running
+    assert main(["sync", name, "--storage", sqlite_url]) == 0
+    assert statuses()[name] == "KILLED"
+
+    assert main(["run", str(path), "--workers", "1"]) == 0  # resumed to the end
+    final = statuses()
+    assert final[name] == "FINISHED" and "RUNNING" not in final.values(), final
