@@ -744,9 +744,16 @@ _register_stack()
 
 
 @app.callback()
-def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def _root(
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Full logs, and a traceback when a command fails."),
+    ] = False,
+) -> None:
     from droptune.storage import MaskingFilter
 
+    global _VERBOSE
+    _VERBOSE = verbose
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -755,6 +762,10 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> 
     for handler in logging.getLogger().handlers:  # URL passwords never reach a log line
         if not any(isinstance(f, MaskingFilter) for f in handler.filters):
             handler.addFilter(MaskingFilter())
+
+
+#: Set by ``-v/--verbose``: unexpected failures then log their traceback.
+_VERBOSE = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -783,8 +794,11 @@ def main(argv: list[str] | None = None) -> int:
                 typer.echo("interrupted", err=True)
                 return 130
             return 1
-        logging.getLogger("droptune").exception("droptune failed")
-        typer.echo(f"error: {type(exc).__name__}: {_mask(str(exc))}", err=True)
+        if _VERBOSE:
+            logging.getLogger("droptune").exception("droptune failed")
+        first = (str(exc).splitlines() or [""])[0][:500]
+        hint = "" if _VERBOSE else " (droptune -v ... shows the traceback)"
+        typer.echo(f"error: {type(exc).__name__}: {_mask(first)}{hint}", err=True)
         return 1
     return code if isinstance(code, int) else 0
 

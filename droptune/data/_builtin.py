@@ -5,7 +5,6 @@ and a user's CSV file. Each loader returns float32/int64 numpy arrays; nothing i
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -156,8 +155,3 @@ def _label_key(value: str) -> tuple[int, float | str]:
         return (0, float(value))
     except ValueError:
         return (1, value)
-
-
-def file_digest(path: str) -> str:
-    """Short content hash of a file (recorded with CSV-backed runs)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]

@@ -7,7 +7,6 @@ mask arithmetic is written once here so that every kind treats both cases the sa
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
@@ -139,8 +138,3 @@ class DropoutBase(nn.Module):
 def _short(p: Tensor, shown: int = 4) -> str:
     values = [f"{v:.3g}" for v in p[:shown].tolist()]
     return ", ".join(values) + (", ..." if p.numel() > shown else "")
-
-
-def std_from_rate(p: float) -> float:
-    """Standard deviation of multiplicative Gaussian noise with the variance of dropout at p."""
-    return math.sqrt(p / (1.0 - p))

@@ -9,7 +9,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch import nn
 import torch.nn.functional as F
 
 from droptune.config import TrainConfig
@@ -123,8 +122,3 @@ class RegularizedModule(pl.LightningModule):
         native = self.cfg.train.optimizer == "adamw" and l2.mode == "decoupled"
         groups = param_groups(self, l2 if native else 0.0)
         return make_optimizer(self.cfg, groups)
-
-
-def regularized(model: nn.Module) -> bool:
-    """True for droptune's own modules (their optimizer already carries the L2 groups)."""
-    return isinstance(model, RegularizedModule)

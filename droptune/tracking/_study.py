@@ -431,21 +431,6 @@ class StudyTracking:
         )
         return str(run_id)
 
-    def terminate_reaped(self, trials: list[optuna.trial.FrozenTrial], reason: str) -> None:
-        """End the runs of trials failed on behalf of a dead worker (no run stays RUNNING)."""
-        if not self.enabled:
-            return
-        for frozen in trials:
-            run_id = frozen.user_attrs.get(RUN_ID_ATTR)
-            if not run_id:
-                continue
-            try:
-                self.tracker.terminate(str(run_id), "FAIL", reason)
-            except Exception as exc:
-                log.warning(
-                    "could not end MLflow run %s of trial %d: %s", run_id, frozen.number, exc
-                )
-
     def close_ended_runs(self, study: optuna.Study) -> list[int]:
         """Complete the runs still RUNNING whose trial has ended (its worker was killed, or
         the finish could not be logged): one search, then one write per such run. Returns
