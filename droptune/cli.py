@@ -398,7 +398,7 @@ def status(
     from droptune.study.runner import timing_summary
     from droptune.study.runner import with_heartbeat
 
-    url = _require_storage(storage)
+    url = _study_storage(storage, study) if study else _require_storage(storage)
     names = (
         [study]
         if study
@@ -474,7 +474,7 @@ def _best_config_text(storage: str | None, study: str, fmt: str) -> tuple[str, s
     from droptune.export import trial_config
     from droptune.study.confirm import confirmation_of
 
-    opened = load_study(study, _require_storage(storage))
+    opened = load_study(study, _study_storage(storage, study))
     chosen = best_trial(opened)
     confirmed = confirmation_of(opened)
     if confirmed is not None and confirmed.best_trial == chosen.number:
@@ -711,9 +711,11 @@ def _study_storage(storage: str | None, study: str) -> str:
     url = default_url(study)
     if Path(url.removeprefix("sqlite:///")).exists():
         return url
-    raise typer.BadParameter(
-        f"give --storage URL (or set DROPTUNE_STORAGE); no local storage at {url}",
-        param_hint="--storage",
+    from droptune.exceptions import StorageError
+
+    raise StorageError(
+        f"no such storage: no study {study!r} at {url} (the default for a study run here); "
+        "give --storage URL or set DROPTUNE_STORAGE"
     )
 
 
@@ -743,8 +745,22 @@ def _register_stack() -> None:
 _register_stack()
 
 
+def _version(value: bool) -> None:
+    if value:
+        import droptune
+
+        typer.echo(f"droptune {droptune.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
     verbose: Annotated[
         bool,
         typer.Option("--verbose", "-v", help="Full logs, and a traceback when a command fails."),

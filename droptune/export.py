@@ -79,14 +79,21 @@ def best_trial(study: Any) -> Any:
         raise StorageError(f"study {study.study_name!r} has no completed trial yet") from None
 
 
-def load_best(study_name: str, storage: str) -> TrainConfig:
+def load_best(study_name: str, storage: str | None = None) -> TrainConfig:
     """The best trial's full training config (the confirmed best when the study was
-    confirmed), ready for ``build_module``/``build_trainer``.
+    confirmed), ready for ``build_module``/``build_trainer``. The storage defaults to
+    ``$DROPTUNE_STORAGE``, else the study's local ``runs/<study>/droptune.db``.
 
     Example:
         >>> url = "sqlite:///runs/digits-mlp/droptune.db"
         >>> cfg = load_best("digits-mlp", url)  # doctest: +SKIP
         >>> trainer = cfg.build_trainer()  # doctest: +SKIP
     """
+    if storage is None:
+        import os
+
+        from droptune.storage import default_url
+
+        storage = os.environ.get("DROPTUNE_STORAGE") or default_url(study_name)
     study = load_study(study_name, storage)
     return trial_config(study, best_trial(study))
