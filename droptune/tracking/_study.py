@@ -404,11 +404,25 @@ class StudyTracking:
         if config is None:
             config = _resolved_config(study, frozen)
         if isinstance(config, dict):
-            params.update({f"config.{k}": v for k, v in flatten(config).items()})
+            # the rest of the resolved config; the sampled values are logged once, above
+            params.update(
+                {f"config.{k}": v for k, v in flatten(config).items() if k not in frozen.params}
+            )
         history = list(frozen.user_attrs.get(HISTORY_ATTR) or [])
         if not history and frozen.intermediate_values:
             metric = str(study.user_attrs.get("droptune.metric", "objective"))
             history = [{metric: v} for _, v in sorted(frozen.intermediate_values.items())]
+        if frozen.state.name == "COMPLETE" and frozen.values is not None:
+            # The trial's value (the best epoch's, not the last one's), so that sorting runs
+            # by it in the UI agrees with `droptune best`.
+            names = (
+                ["objective"]
+                if len(frozen.values) == 1
+                else [f"objective_{i}" for i in range(len(frozen.values))]
+            )
+            last = dict(history[-1]) if history else {}
+            last.update(zip(names, frozen.values, strict=True))
+            history = [*history[:-1], last]
         tags = {
             "droptune.seed": str(frozen.user_attrs.get("droptune.seed", "")),
             "droptune.device": str(frozen.user_attrs.get("droptune.device", "")),

@@ -161,9 +161,10 @@ def test_child_runs_hold_params_resolved_config_epoch_curves_and_tags(tracked: T
         # The resolved config: spec defaults, the trial's values and its seed.
         assert params["config.model.family"] == "mlp"
         assert params["config.train.seed"] == str(trial.user_attrs["droptune.seed"])
-        assert (
-            params["config.regularization.dropout.kind"]
-            == trial.params["regularization.dropout.kind"]
+        # the sampled values once, under their own names; the rest under config.
+        assert not {f"config.{key}" for key in trial.params} & set(params)
+        assert params["regularization.dropout.kind"] == str(
+            trial.params["regularization.dropout.kind"]
         )
         tags = run.data.tags
         assert tags["droptune.study"] == NAME
@@ -183,6 +184,9 @@ def test_child_runs_hold_params_resolved_config_epoch_curves_and_tags(tracked: T
             for key in ("train_loss", "lr"):
                 assert len(tracked.client.get_metric_history(run.info.run_id, key)) == epochs
             assert tags["optuna.values"] == f"{trial.value:.6g}"
+            # the trial's value (its best epoch), so that sorting by it agrees with `best`
+            objective = tracked.client.get_metric_history(run.info.run_id, "objective")
+            assert [m.value for m in objective] == [pytest.approx(trial.value)]
             # The trial's value is the best val_loss over its epochs.
             assert trial.value == pytest.approx(min(r["val_loss"] for r in history), abs=1e-6)
 
