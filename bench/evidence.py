@@ -482,10 +482,16 @@ def main() -> None:
         parser.error(f"--families: unknown {unknown}; allowed: {', '.join(FAMILIES)}")
     started = time.perf_counter()
     families = []
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             families.append(run_family(name, FAMILIES[name], Path(tmp), args.quick))
             log.info("%s done after %.0f s in all", name, time.perf_counter() - started)
+            # each family's numbers as soon as it is done (a later failure keeps them)
+            print(markdown(families[-1:]), flush=True)
+            (args.out / f"{name}.json").write_text(
+                json.dumps({k: v for k, v in families[-1].items()}, indent=2, default=str)
+            )
     text = markdown(families)
     print(text)
     print(f"total wall time: {time.perf_counter() - started:.0f} s")
