@@ -47,7 +47,7 @@ def trial_config(study: Any, trial: Any) -> TrainConfig:
         raise ConfigError(
             f"study {study.study_name!r} was not created by droptune (no {SPEC_ATTR} attribute)"
         )
-    base = spec_from_dict(raw).base
+    base = spec_from_dict(raw, recorded=True).base
     overrides: dict[str, Any] = dict(trial.params)
     seed = trial.user_attrs.get("droptune.seed")
     if seed is not None:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -40,6 +41,7 @@ __all__ = [
     "creation_race",
     "default_url",
     "engine_kwargs",
+    "fixed_params",
     "is_enqueued",
     "is_outage",
     "mask_text",
@@ -75,23 +77,32 @@ _SECRET_PARAM = re.compile(
 #: Environment variables whose values are credentials the database and MLflow clients read.
 SECRET_ENV = (
     "PGPASSWORD",
+    "POSTGRES_PASSWORD",
+    "MYSQL_PWD",
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
-    "POSTGRES_PASSWORD",
+    "DATABRICKS_TOKEN",
+    "AWS_SECRET_ACCESS_KEY",
 )
+#: Shorter environment values are not masked in free text (too likely to occur by chance).
+_MIN_SECRET = 6
+
+
+def _mask_credentials(text: str) -> str:
+    """The password of each ``scheme://user:password@host`` URL and credential query/DSN
+    parameters (``?password=...``) masked."""
+    text = _PASSWORD_IN_URL.sub(rf"\g<1>{MASK}\g<3>", text)
+    return _SECRET_PARAM.sub(rf"\g<1>{MASK}", text)
 
 
 def mask_text(text: str) -> str:
-    """``text`` with every credential in it masked: the password of each
-    ``scheme://user:password@host`` URL, credential query/DSN parameters
-    (``?password=...``) and the values of the credential environment variables
-    (:data:`SECRET_ENV`)."""
-    text = _PASSWORD_IN_URL.sub(rf"\g<1>{MASK}\g<3>", text)
-    text = _SECRET_PARAM.sub(rf"\g<1>{MASK}", text)
+    """Free text (a log line, an error) with every credential in it masked: those of URLs
+    (:func:`mask_url`'s) and the values of the credential environment variables
+    (:data:`SECRET_ENV`) wherever they appear."""
+    text = _mask_credentials(text)
     for name in SECRET_ENV:
         value = os.environ.get(name)
-        if value and len(value) >= 4:
+        if value and len(value) >= _MIN_SECRET:
             text = text.replace(value, MASK)
     return text
 
@@ -121,10 +132,12 @@ def mask_url(url: str) -> str:
 
         parsed = make_url(url)
     except Exception:
-        return mask_text(url)
+        return _mask_credentials(url)
     if parsed.password is not None:
         url = parsed.render_as_string(hide_password=True)
-    return mask_text(url)
+    # not the environment's values: a masked URL is stored (the study's tracking URI) and a
+    # password that happens to be a word of a path must not change it
+    return _mask_credentials(url)
 
 
 def check_url(url: str, field: str = "storage") -> None:
@@ -269,11 +282,19 @@ def open_storage(
                 # fresh database): once it is done, opening succeeds.
                 time.sleep(0.2 * (attempt + 1))
                 continue
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise StorageUnreachable(
-                f"storage {mask_url(url)!r} is unreachable: {message.replace(url, mask_url(url))}"
-            ) from None
+            raise _open_error(url, exc) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _open_error(url: str, exc: BaseException) -> StorageError:
+    """The error of a storage that could not be opened: unreachable (the environment, exit 1)
+    when retrying could cure it, else a StorageError (wrong password, no such database: the
+    input, exit 2)."""
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    message = mask_text(message.replace(url, mask_url(url)))
+    if is_outage(exc):
+        return StorageUnreachable(f"storage {mask_url(url)!r} is unreachable: {message}")
+    return StorageError(f"storage {mask_url(url)!r} cannot be opened: {message}")
 
 
 def _check_exists(url: str) -> None:
@@ -289,16 +310,30 @@ def _check_exists(url: str) -> None:
                 f"no such storage: {mask_url(url)!r} ({database or 'in-memory'} is not an "
                 "existing SQLite file); give the storage the study was created in"
             )
+        # read-only: another SQLite file (an MLflow store) must not get Optuna's tables
+        try:
+            with contextlib.closing(
+                sqlite3.connect(f"{Path(database).resolve().as_uri()}?mode=ro", uri=True)
+            ) as conn:
+                has_studies = bool(
+                    conn.execute(
+                        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'studies'"
+                    ).fetchone()
+                )
+        except sqlite3.Error as exc:
+            raise StorageError(f"storage {mask_url(url)!r} cannot be opened: {exc}") from None
+        if not has_studies:
+            raise StorageError(
+                f"no such storage: {mask_url(url)!r} holds no Optuna study tables; give the "
+                "storage the study was created in"
+            )
         return
     engine = sa.create_engine(url, **engine_kwargs(url))
     try:
         with engine.connect() as conn:
             has_studies = sa.inspect(conn).has_table("studies")
     except Exception as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise StorageUnreachable(
-            f"storage {mask_url(url)!r} is unreachable: {message.replace(url, mask_url(url))}"
-        ) from None
+        raise _open_error(url, exc) from None
     finally:
         engine.dispose()
     if not has_studies:
@@ -1028,9 +1063,13 @@ def trial_states(study: Any) -> dict[int, str]:
     return retry_outage(query, "trial_states")
 
 
+def fixed_params(trial: Any) -> dict[str, Any]:
+    """The params ``trial`` (an ``optuna.Trial``) was enqueued with (``study.enqueue_trial``,
+    droptune's baseline), empty for a sampled trial. Optuna keeps them in the trial's
+    ``fixed_params`` system attribute, which its public ``Trial`` no longer exposes."""
+    return dict(trial._cached_frozen_trial.system_attrs.get("fixed_params") or {})
+
+
 def is_enqueued(trial: Any) -> bool:
-    """Whether ``trial`` (an ``optuna.Trial``) was enqueued with fixed params (by
-    ``study.enqueue_trial``, droptune's baseline, or a retry of a failed trial) rather than
-    sampled. Optuna keeps them in the trial's ``fixed_params`` system attribute, which its
-    public ``Trial`` no longer exposes."""
-    return bool(trial._cached_frozen_trial.system_attrs.get("fixed_params"))
+    """Whether ``trial`` was enqueued with fixed params rather than sampled."""
+    return bool(fixed_params(trial))

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Study user attribute holding the last confirmation (:meth:`Confirmation.to_dict`).
 CONFIRMATION_ATTR = "droptune.confirmation"
+#: The most re-trainings trained as one population (memory grows with it).
+MAX_POPULATION = 64
 #: Confirmation seeds are trial seeds of numbers no trial can have (studies stop at 1e6 trials).
 _SEED_BASE = 1_000_000
 
@@ -176,7 +178,9 @@ def confirm_study(
             f"study {study.study_name!r} has {len(study.directions)} objectives; confirmation "
             "ranks configs by one objective"
         )
-    spec = spec_from_dict(study.user_attrs["droptune.spec"], source=study.study_name)
+    spec = spec_from_dict(
+        study.user_attrs["droptune.spec"], source=study.study_name, recorded=True
+    )
     metric = spec.study.objectives[0]
     direction = study.directions[0].name.lower()
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -204,8 +208,12 @@ def confirm_study(
             run_id = _log_run(tracking, parent, candidate, seed, cfg, rows, metric)
             if run_id:
                 candidate.run_ids.append(run_id)
-    pick = min if direction == "minimize" else max
-    best = pick(candidates, key=lambda c: c.mean)
+    best = pick_best(candidates, direction)
+    diverged = [c.trial for c in candidates if not math.isfinite(c.mean)]
+    if diverged:
+        said = f"re-trainings of trial(s) {', '.join(map(str, diverged))} diverged; ranked last"
+        note = f"{note}; {said}" if note else said
+        log.warning("study %s: %s", study.study_name, said)
     result = Confirmation(
         metric, direction, seed_list, candidates, best.trial, note, len(complete)
     )
@@ -213,6 +221,14 @@ def confirm_study(
     if tracking is not None and tracking.enabled and parent is not None:
         _log_best(tracking, parent, result)
     return result
+
+
+def pick_best(candidates: list[Candidate], direction: str) -> Candidate:
+    """The candidate with the best mean; one with a diverged re-training (a non-finite mean)
+    ranks last, whatever the direction (min/max would keep a NaN they meet first)."""
+    worst = math.inf if direction == "minimize" else -math.inf
+    pick = min if direction == "minimize" else max
+    return pick(candidates, key=lambda c: c.mean if math.isfinite(c.mean) else worst)
 
 
 def _objective(metric: str, direction: str, rows: list[dict[str, float]]) -> float:
@@ -233,7 +249,12 @@ def _train(configs: list[TrainConfig]) -> list[list[dict[str, float]]]:
     by_kind: dict[str, list[int]] = {}
     for index, config in enumerate(configs):
         by_kind.setdefault(config.regularization.dropout.kind, []).append(index)
-    for indices in by_kind.values():
+    chunks = [
+        indices[start : start + MAX_POPULATION]
+        for indices in by_kind.values()
+        for start in range(0, len(indices), MAX_POPULATION)
+    ]
+    for indices in chunks:
         group = [configs[i] for i in indices]
         if len(group) > 1 and population_support(group) is None:
             from droptune.population import train_population

@@ -245,8 +245,9 @@ class Objective:
                 since (enqueued trials are never refused).
         """
         params = suggest(trial, self.spec, self.base)
-        # Enqueued params (the baseline, a retry of a failed trial, the user's own) are what
-        # someone asked for; only what the sampler proposed is refused as a duplicate.
+        # Enqueued params (the baseline, the user's own) are what someone asked for; only
+        # what the sampler proposed is refused as a duplicate. (A retry of a failed trial
+        # carries that trial's params, which no finished trial has.)
         twin = None if is_enqueued(trial) else self.finished.duplicate_of(trial.number, params)
         if twin is not None:
             trial.set_user_attr(DUPLICATE_ATTR, twin)

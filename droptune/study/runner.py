@@ -32,12 +32,13 @@ from droptune.study.factories import make_pruner
 from droptune.study.factories import make_sampler
 from droptune.study.slots import Slots
 from droptune.study.space import BASELINE_ATTR
+from droptune.study.space import baseline_gaps
 from droptune.study.space import baseline_params
 from droptune.study.spec import StudySpec
 from droptune.tracking import StudyTracking
 from droptune.tracking._study import _claim_once
 from droptune.tracking._study import _meta_get
-from droptune.tracking._study import _meta_set
+from droptune.tracking._study import _meta_raise
 
 
 __all__ = [
@@ -77,6 +78,8 @@ class RunSummary:
     confirmation: list[str] = field(default_factory=list)
 
 
+#: Samplers whose search space comes from the finished trials rather than from each suggest.
+RELATIVE_SAMPLERS = ("cmaes", "gp", "qmc", "nsgaii")
 #: ``droptune_meta`` key of the study's trial budget (finished trials it ends with).
 BUDGET_KEY = "n_trials"
 
@@ -128,6 +131,12 @@ def create_study(
         )
     if SPEC_ATTR not in study.user_attrs:
         recorded = spec.to_dict()
+        # keys newer than the first release, at their defaults, are left out: an earlier
+        # droptune reading the study refuses keys it does not know
+        if recorded.get("confirm") is None:
+            recorded.pop("confirm", None)
+        if recorded["study"].get("baseline") is True:
+            recorded["study"].pop("baseline")
         for key in ("storage",):
             if recorded.get(key):
                 recorded[key] = mask_url(recorded[key])
@@ -155,8 +164,7 @@ def create_study(
                     f"grow, not shrink (got {asked})"
                 )
             log.info("study %s: budget raised from %d to %d trials", study_name, budget, asked)
-            _meta_set(storage_url, study_name, BUDGET_KEY, str(asked))
-            budget = asked
+            budget = _meta_raise(storage_url, study_name, BUDGET_KEY, asked)
         elif asked != budget:
             log.warning(
                 "study %s has a budget of %d trials (recorded when it was created or raised "
@@ -182,7 +190,20 @@ def _first_budget(study: optuna.Study, spec: StudySpec, slots: Slots, n_trials: 
         return existing
     if spec.study.baseline and not study.get_trials(deepcopy=False):
         base = spec.base
-        study.enqueue_trial(baseline_params(spec, base), user_attrs={BASELINE_ATTR: True})
+        missing = baseline_gaps(spec, base)
+        if missing and spec.sampler.name in RELATIVE_SAMPLERS:
+            # These samplers take their search space from the finished trials (CMA-ES, GP and
+            # NSGA-II: the parameters all of them share; QMC: the first one's), so a baseline
+            # without these parameters would leave them out of the search for good.
+            log.warning(
+                "study.baseline: no baseline trial: the spec's values of %s are outside the "
+                "search space, and sampler %s builds its search space from the finished "
+                "trials; make them searchable (e.g. a choice) or set study.baseline: false",
+                ", ".join(missing),
+                spec.sampler.name,
+            )
+        else:
+            study.enqueue_trial(baseline_params(spec, base), user_attrs={BASELINE_ATTR: True})
     return n_trials
 
 
@@ -380,10 +401,12 @@ def run_study(
     finally:
         slots.close()
     confirmation: list[str] = []
-    if spec.confirm is not None and finished and not interrupted and plan:
-        confirmation = _confirm(study, spec, tracking, plan[0]["overrides"])
-    if tracking is not None:
-        tracking.study_ended(study, finished)
+    try:
+        if spec.confirm is not None and finished and not interrupted and plan:
+            confirmation = _confirm(study, spec, tracking, plan[0]["overrides"])
+    finally:  # the study's MLflow run is closed however the confirmation ends
+        if tracking is not None:
+            tracking.study_ended(study, finished)
     best_value, best_params = _best(study)
     return RunSummary(
         name,

@@ -151,29 +151,31 @@ class Slots:
             )
 
     @_riding_outages
-    def release(self, slot: int, owner: str, seen: Any = None) -> bool:
+    def release(
+        self,
+        slot: int,
+        owner: str,
+        trial_number: int | None = None,
+        claimed_before: float | None = None,
+    ) -> bool:
         """Give a slot back (its trial failed); only its owner's claim is released.
 
-        ``seen``: the slot's row as the caller read it. The release then also requires the
-        same trial and claim time: a worker that released a slot may claim it again at once
-        (the same owner), and a release decided on the old row must not free the new claim
-        (its trial would finish unbound, one more than the study's budget)."""
+        A release decided on a row read earlier states what it saw, and the slot is freed only
+        if it still holds that: ``trial_number`` (the failed trial it is bound to), or for a
+        claim never bound, ``claimed_before`` (the claim is still that old). A worker that
+        released a slot may claim it again at once under the same owner, and a release decided
+        on the old row must not free the new claim: its trial would finish unbound, one more
+        than the study's budget. (Times are compared by order, not equality: MySQL stores
+        them as single-precision FLOAT.)"""
         where = [
             _table.c.study_name == self.study_name,
             _table.c.slot == slot,
             _table.c.owner == owner,
         ]
-        if seen is not None:
-            where.append(
-                _table.c.trial_number.is_(None)
-                if seen.trial_number is None
-                else _table.c.trial_number == seen.trial_number
-            )
-            where.append(
-                _table.c.claimed_at.is_(None)
-                if seen.claimed_at is None
-                else _table.c.claimed_at == seen.claimed_at
-            )
+        if trial_number is not None:
+            where.append(_table.c.trial_number == trial_number)
+        elif claimed_before is not None:
+            where += [_table.c.trial_number.is_(None), _table.c.claimed_at < claimed_before]
         with self.engine.begin() as conn:
             result = conn.execute(
                 _table.update()
@@ -190,13 +192,18 @@ class Slots:
             states: Optuna trial state names by trial number.
         """
         released = 0
-        now = time.time()
+        cutoff = time.time() - stale_after
         for row in self.rows():
             if row.owner is None:
                 continue
-            failed = row.trial_number is not None and states.get(row.trial_number) == "FAIL"
-            orphan = row.trial_number is None and (now - (row.claimed_at or now)) > stale_after
-            if (failed or orphan) and self.release(int(row.slot), row.owner, seen=row):
+            if row.trial_number is not None:
+                if states.get(row.trial_number) == "FAIL" and self.release(
+                    int(row.slot), row.owner, trial_number=int(row.trial_number)
+                ):
+                    released += 1
+            elif (row.claimed_at or cutoff) < cutoff and self.release(
+                int(row.slot), row.owner, claimed_before=cutoff
+            ):
                 released += 1
         return released
 

@@ -37,6 +37,7 @@ __all__ = [
     "BASELINE_ATTR",
     "FAMILY_KINDS",
     "applicable",
+    "baseline_gaps",
     "baseline_params",
     "check_search_space",
     "suggest",
@@ -169,15 +170,33 @@ def baseline_params(spec: StudySpec, base: TrainConfig) -> dict[str, Any]:
     return params
 
 
+def baseline_gaps(spec: StudySpec, base: TrainConfig) -> list[str]:
+    """The search paths a trial of the spec's own config would sample but the baseline trial
+    cannot (their spec values lie outside the search distributions)."""
+    family = base.model.family
+    kind = base.regularization.dropout.kind
+    taken = baseline_params(spec, base)
+    return [
+        path
+        for path in spec.search
+        if (path == KIND_PATH or applicable(path, family, kind)) and path not in taken
+    ]
+
+
 def suggest(trial: optuna.Trial, spec: StudySpec, base: TrainConfig) -> dict[str, Any]:
     """Ask the trial for every applicable search dimension; returns ``{config path: value}``.
 
-    The baseline trial (:data:`BASELINE_ATTR`) asks only for the paths of
-    :func:`baseline_params`; every other path keeps the spec's value."""
+    The baseline trial (:data:`BASELINE_ATTR`) asks only for the paths it was enqueued with
+    (:func:`baseline_params` when the study was created); every other path keeps the spec's
+    value."""
     params: dict[str, Any] = {}
     family = base.model.family
     kind = base.regularization.dropout.kind
-    only = baseline_params(spec, base) if trial.user_attrs.get(BASELINE_ATTR) else None
+    only = None
+    if trial.user_attrs.get(BASELINE_ATTR):
+        from droptune.storage import fixed_params
+
+        only = fixed_params(trial)
     ordered = sorted(spec.search.items(), key=lambda item: item[0] != KIND_PATH)
     for path, dist in ordered:
         if path != KIND_PATH and not applicable(path, family, kind):

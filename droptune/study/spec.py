@@ -192,7 +192,7 @@ class StudySection(StrictModel):
 
 class SamplerSection(StrictModel):
     name: Literal["tpe", "random", "cmaes", "gp", "qmc", "grid", "nsgaii"] = "tpe"
-    # NumPy seeds are 32-bit; each worker adds its index.
+    # NumPy seeds are 32-bit (each trial's stream is derived from it and the trial number).
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     n_startup_trials: int | None = Field(default=None, ge=0)
 
@@ -217,18 +217,6 @@ class TrackingSection(StrictModel):
     enabled: bool = True
     uri: str | None = None
     experiment: str | None = None
-
-    @field_validator("uri")
-    @classmethod
-    def _uri(cls, value: str | None) -> str | None:
-        from droptune.tracking._client import TRACKING_SCHEMES
-
-        if value is not None and not value.startswith(TRACKING_SCHEMES):
-            raise ValueError(
-                "unsupported tracking URI; allowed: http(s)://host:port, sqlite:///path.db, "
-                "postgresql://..., mysql://..., databricks"
-            )
-        return value
 
 
 class ExecutionSection(StrictModel):
@@ -289,8 +277,13 @@ class StudySpec(StrictModel):
         return self.model_dump(mode="json", exclude_none=False)
 
 
-def spec_from_dict(data: Any, source: str = "spec") -> StudySpec:
-    """Validate a parsed spec; every problem is a SpecError naming its dotted path."""
+def spec_from_dict(data: Any, source: str = "spec", recorded: bool = False) -> StudySpec:
+    """Validate a parsed spec; every problem is a SpecError naming its dotted path.
+
+    ``recorded``: the spec stored with a study (read back by ``best``, ``export``, ``sync``,
+    ...): the checks that depend on this machine or on rules newer than the study (the
+    database driver, the tracking URI scheme, the logged metrics) are skipped, so that a study
+    made elsewhere or by an earlier droptune can still be read."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
     check_document_size(data, source, SpecError)
@@ -302,7 +295,9 @@ def spec_from_dict(data: Any, source: str = "spec") -> StudySpec:
     from droptune.study.space import check_search_space
 
     check_search_space(spec, base)
-    _check_metrics(spec, base)
+    if not recorded:
+        _check_metrics(spec, base)
+        _check_tracking(spec)
     if spec.sampler.name == "nsgaii" and len(spec.study.objectives) < 2:
         raise SpecError(
             "sampler.name: nsgaii is for multi-objective studies (study.metrics); "
@@ -328,11 +323,18 @@ def spec_from_dict(data: Any, source: str = "spec") -> StudySpec:
             "confirm: ranks configs by one objective; a multi-objective study (study.metrics) "
             "cannot be confirmed"
         )
-    if spec.storage is not None:
+    if spec.storage is not None and not recorded:
         from droptune.storage import check_url
 
         check_url(spec.storage, "storage")
     return spec
+
+
+def _check_tracking(spec: StudySpec) -> None:
+    if spec.tracking.uri is not None:
+        from droptune.tracking._client import check_tracking_uri
+
+        check_tracking_uri(spec.tracking.uri, "tracking.uri")
 
 
 #: What droptune's own modules log every epoch (and derive), by task.

@@ -95,7 +95,14 @@ def _claim_once(
                     conn.execute(_meta.delete().where(where & _meta.c.value.is_(None)))
                 raise
             with engine.begin() as conn:
-                conn.execute(_meta.update().where(where).values(value=value))
+                written = conn.execute(
+                    _meta.update().where(where & _meta.c.value.is_(None)).values(value=value)
+                ).rowcount
+            if written != 1:  # taken over meanwhile (this process was too slow): theirs counts
+                with engine.begin() as conn:
+                    row = conn.execute(sa.select(_meta.c.value).where(where)).first()
+                if row is not None and row.value is not None:
+                    return str(row.value)
             return value
         deadline = time.time() + timeout
         while True:
@@ -106,7 +113,18 @@ def _claim_once(
             if row.value is not None:
                 return str(row.value)
             if time.time() > deadline:
-                raise TimeoutError(f"waited {timeout:.0f}s for another worker to create {key}")
+                # The process that claimed it died between its claim and its value (kill -9):
+                # withdraw its claim for it and take over (it would otherwise block every
+                # later start of the study).
+                log.warning(
+                    "study %s: %s was claimed %.0f s ago and never written; taking over",
+                    study_name,
+                    key,
+                    timeout,
+                )
+                with engine.begin() as conn:
+                    conn.execute(_meta.delete().where(where & _meta.c.value.is_(None)))
+                return _claim_once(storage_url, study_name, key, create, timeout)
             time.sleep(0.2)
     finally:
         engine.dispose()
@@ -123,6 +141,24 @@ def _meta_get(storage_url: str, study_name: str, key: str) -> str | None:
                 )
             ).first()
         return None if row is None else row.value
+    finally:
+        engine.dispose()
+
+
+def _meta_raise(storage_url: str, study_name: str, key: str, value: int) -> int:
+    """Raise the integer under ``key`` to ``value`` if it is lower, in one statement (two
+    processes raising at once never lower it); returns the value now stored."""
+    engine = sa.create_engine(storage_url, **engine_kwargs(storage_url))
+    try:
+        where = (_meta.c.study_name == study_name) & (_meta.c.key == key)
+        with engine.begin() as conn:
+            conn.execute(
+                _meta.update()
+                .where(where & (sa.cast(_meta.c.value, sa.Integer) < value))
+                .values(value=str(value))
+            )
+            row = conn.execute(sa.select(_meta.c.value).where(where)).first()
+        return int(row.value) if row is not None and row.value is not None else value
     finally:
         engine.dispose()
 
@@ -180,7 +216,7 @@ class StudyTracking:
                 f"study {study.study_name!r} was not created by droptune (no droptune.spec "
                 "attribute): its trials cannot be mirrored into MLflow"
             )
-        spec = spec_from_dict(recorded, source=f"study {study.study_name!r}")
+        spec = spec_from_dict(recorded, source=f"study {study.study_name!r}", recorded=True)
         candidates = [
             uri,
             spec.tracking.uri,
@@ -542,8 +578,8 @@ class StudyTracking:
             return None
         states = trial_states(study)
         slots = Slots(self.storage_url, self.study_name)
-        try:
-            finished = slots.finished(states)
+        try:  # a study without slots (made outside droptune's runner) is never "finished"
+            finished = slots.total() > 0 and slots.finished(states)
         finally:
             slots.close()
         if not finished and "RUNNING" in states.values():

@@ -255,13 +255,89 @@ def test_a_release_decided_on_an_old_row_never_frees_a_new_claim(sqlite_url: str
         seen = slots.rows()[0]  # B: trial 1 FAILed, free its slot
         assert slots.release(0, "A")  # A does it first
         assert slots.claim("A") == 0
-        slots.bind(0, "A", 2)
+        unbound = slots.rows()[0]
 
-        assert not slots.release(0, "A", seen=seen)
+        # B, deciding on the old row, while A's new claim is not bound yet, then bound
+        assert not slots.release(0, "A", trial_number=seen.trial_number)
+        # an orphan release needs the claim to be older than the cutoff it decided on
+        assert not slots.release(0, "A", claimed_before=unbound.claimed_at - 30)
+        slots.bind(0, "A", 2)
+        assert not slots.release(0, "A", trial_number=seen.trial_number)
 
         row = slots.rows()[0]
         assert (row.owner, row.trial_number) == ("A", 2)
         # a release decided on the current row still works
-        assert slots.release(0, "A", seen=row)
+        assert slots.release(0, "A", trial_number=2)
     finally:
         slots.close()
+
+
+@pytest.mark.slow
+def test_exact_counts_hold_while_many_duplicates_are_refused(
+    procs: Procs, write_spec: SpecWriter, sqlite_url: str
+) -> None:
+    """kind none has no rates: every later 'none' the random sampler proposes is a duplicate,
+    failed before training and sampled anew, by 8 workers at once. The study still ends with
+    exactly its budget, every finished trial bound to one slot (this found a slot race)."""
+    n = 100
+    path = write_spec(
+        study={"name": "dups"},
+        train={"max_epochs": 1},
+        search={
+            "regularization.dropout.kind": {"choices": ["none", "standard"]},
+            "regularization.dropout.hidden_rate": {"low": 0.0, "high": 0.5},
+        },
+        sampler={"name": "random", "seed": 0},
+        n_trials=n,
+    )
+
+    result = procs.run("run", str(path), "--workers", "8", timeout=580)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    trial_list = trials(sqlite_url, "dups")
+    assert finished(trial_list) == n, counts(trial_list)
+    assert_distinct_configs(trial_list)
+    failed = [t for t in trial_list if t.state.name == "FAIL"]
+    assert failed and all(DUPLICATE_ATTR in t.user_attrs for t in failed)
+    from droptune.study.slots import Slots
+
+    slots = Slots(sqlite_url, "dups")
+    try:
+        bound = sorted(r.trial_number for r in slots.rows())
+    finally:
+        slots.close()
+    done = sorted(t.number for t in trial_list if t.state.name in ("COMPLETE", "PRUNED"))
+    assert bound == done
+
+
+def test_no_partial_baseline_for_samplers_that_learn_their_space_from_finished_trials(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "db").mkdir()
+    # TINY searches l2.strength on a log range; the spec's value (0) is outside it
+    spec = spec_from_dict(merge(TINY, {"storage": sqlite_url, "sampler": {"name": "cmaes"}}))
+    study = create_study(spec, sqlite_url, "cma")
+    assert study.get_trials() == []
+    assert "regularization.l2.strength" in caplog.text and "no baseline trial" in caplog.text
+    full = spec_from_dict(
+        merge(
+            TINY,
+            {
+                "storage": sqlite_url,
+                "sampler": {"name": "cmaes"},
+                "regularization": {"l2": {"strength": 1.0e-4}},
+            },
+        )
+    )
+    assert len(create_study(full, sqlite_url, "cma-full").get_trials()) == 1
+
+
+def test_a_diverged_candidate_is_never_the_confirmed_best() -> None:
+    from droptune.study.confirm import Candidate
+    from droptune.study.confirm import pick_best
+
+    for direction in ("minimize", "maximize"):
+        diverged = Candidate(0, 0.1, [float("nan"), 0.2])
+        fine = [Candidate(1, 0.2, [0.5, 0.6]), Candidate(2, 0.3, [0.4, 0.45])]
+        best = pick_best([diverged, *fine], direction)
+        assert best.trial == (2 if direction == "minimize" else 1)
