@@ -275,6 +275,11 @@ class Objective:
         except optuna.TrialPruned:
             state = "PRUNED"
             raise
+        except DuplicateConfig as exc:
+            # Not a failure of the config: nothing trained, no traceback, no MLflow run.
+            trial.set_user_attr("droptune.fail_reason", f"DuplicateConfig: {exc}"[:1000])
+            state = "DUPLICATE"
+            raise
         except BaseException as exc:
             # Kept on the trial so that `droptune status` and MLflow can say what happened.
             import traceback
@@ -288,6 +293,8 @@ class Objective:
     def _record(self, trial: optuna.Trial, state: str, values: Any) -> None:
         timing.phase("other")  # training may have ended in an exception (no on_train_end)
         try:
+            if state == "DUPLICATE":
+                return
             self.record_end(trial, state, values, self._history.rows, self._config)
         finally:
             # where the trial's time went, its MLflow run included (best effort)

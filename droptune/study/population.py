@@ -45,6 +45,7 @@ from droptune.storage import set_user_attrs_many
 from droptune.storage import tell_trials
 from droptune.storage import trial_states
 from droptune.study.objective import GAP_METRIC
+from droptune.study.objective import DuplicateConfig
 from droptune.study.objective import Objective
 from droptune.study.objective import TrialFailed
 from droptune.study.objective import result_attrs
@@ -614,6 +615,7 @@ def _fail(objective: Objective, trial: optuna.Trial, exc: BaseException) -> None
     """Record why the trial failed, end its run, tell FAIL (a trial that never trained)."""
     with contextlib.suppress(Exception):
         set_user_attrs(trial, _failure(exc))
-    objective.record_end(trial, "FAIL", None, [], None)
+    if not isinstance(exc, DuplicateConfig):  # a duplicate trained nothing: no MLflow run
+        objective.record_end(trial, "FAIL", None, [], None)
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
         trial.study.tell(trial, state=TrialState.FAIL)

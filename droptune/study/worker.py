@@ -168,6 +168,7 @@ def run_worker(
     )
     slots = Slots(storage_url, study_name)
     stop = _Stop(graceful)
+    _quiet_duplicates()
 
     closing = threading.Event()
     first_while_closing: float | None = None  # when the first signal came while closing
@@ -344,6 +345,20 @@ def _bound_numbers(slots: Slots, held: list[int]) -> dict[int, int]:
         for r in slots.rows()
         if r.slot in mine and r.trial_number is not None
     }
+
+
+class _QuietDuplicates(logging.Filter):
+    """Drops Optuna's warning (with a traceback) for a trial refused as a duplicate: it is no
+    failure of the config, and a discrete space can produce many."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DuplicateConfig(" not in record.getMessage()
+
+
+def _quiet_duplicates() -> None:
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, _QuietDuplicates) for f in handler.filters):
+            handler.addFilter(_QuietDuplicates())
 
 
 def _user_attrs(study: optuna.Study, number: int | None) -> dict[str, Any]:

@@ -66,6 +66,8 @@ def sync_study(study: optuna.Study, tracking: StudyTracking) -> SyncReport:
             runs.setdefault(int(number), []).append(run)
     ended = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     for frozen in study.get_trials(deepcopy=False, states=ended):
+        if "droptune.duplicate_of" in frozen.user_attrs:
+            continue  # sampled a finished config again: failed before training, no run
         existing = sorted(runs.get(frozen.number, []), key=lambda r: r.info.start_time or 0)
         own = str(tracking.run_id_of(frozen) or "")
         keep = next(
