@@ -78,6 +78,9 @@ def _devices_overrides(devices: str | None) -> dict[str, Any]:
         ) from None
     if not ids:
         raise typer.BadParameter("no GPU ids given", param_hint="--devices")
+    from droptune.study.runner import check_gpu_ids
+
+    check_gpu_ids(ids, "--devices")
     return {"train.accelerator": "gpu", "train.devices": ids}
 
 

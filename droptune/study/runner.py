@@ -44,6 +44,7 @@ from droptune.tracking._study import _meta_raise
 __all__ = [
     "RunSummary",
     "baseline_value",
+    "check_gpu_ids",
     "create_study",
     "plan_workers",
     "reap_trials",
@@ -228,6 +229,19 @@ def _gpu_count() -> int:
     return int(torch.cuda.device_count())
 
 
+def check_gpu_ids(ids: list[int], field: str) -> None:
+    """SpecError naming ``field`` unless every GPU id exists on this machine (checked before
+    anything is created: otherwise every trial fails)."""
+    count = _gpu_count()
+    missing = [i for i in ids if i >= count]
+    if missing:
+        have = f"GPUs 0-{count - 1}" if count else "no GPU"
+        raise SpecError(
+            f"{field}: GPU {', '.join(map(str, missing))} requested, but this machine has "
+            f"{have} (as CUDA_VISIBLE_DEVICES shows them); use cpu or auto"
+        )
+
+
 def plan_workers(devices: str, workers: int | None, per_device: int) -> list[dict[str, Any]]:
     """One entry per worker: its ``CUDA_VISIBLE_DEVICES`` and config overrides.
 
@@ -242,6 +256,7 @@ def plan_workers(devices: str, workers: int | None, per_device: int) -> list[dic
         ids = [part.strip() for part in devices.split(",") if part.strip()]
         if not ids or not all(part.isdigit() for part in ids):
             raise SpecError(f"--devices: must be auto, cpu or GPU ids like 0,1; got {devices!r}")
+        check_gpu_ids([int(i) for i in ids], "--devices")
     if not ids:
         count = workers if workers is not None else 1
         threads = max(1, (os.cpu_count() or 1) // max(count, 1))
