@@ -675,15 +675,38 @@ def ui(
     typer.echo(f"MLflow UI for study {study}: http://{shown}:{server.port}/{page}", err=False)
     typer.echo("press Ctrl-C to stop", err=True)
     sys.stdout.flush()
+    restore = _stop_on_signals()
     try:
         code = server.process.wait()
     except KeyboardInterrupt:
         code = 0
     finally:
         server.stop()
+        restore()
     if code:
         typer.echo(f"error: the MLflow server exited with code {code}; log: {server.log_path}")
         raise typer.Exit(1)
+
+
+def _stop_on_signals() -> Any:
+    """SIGTERM and SIGHUP (a closed terminal, a service manager) end ``ui`` the way Ctrl-C does,
+    so that its server is stopped too. Returns what restores the previous handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def _local_artifacts(uri: str) -> Path:

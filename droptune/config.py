@@ -154,6 +154,15 @@ class EarlyStoppingConfig(StrictModel):
     min_delta: float = Field(default=0.0, ge=0.0)
     monitor: str = "val_loss"
     mode: Literal["min", "max", "auto"] = "auto"
+    #: When early stopping is on, end training with the weights of the best epoch (the one a
+    #: trial's value comes from), not those of the last one, ``patience`` epochs later (as
+    #: Keras' ``restore_best_weights``).
+    restore_best: bool = True
+
+    @property
+    def restores(self) -> bool:
+        """Whether training ends with the best epoch's weights."""
+        return self.restore_best and self.patience is not None
 
     @property
     def resolved_mode(self) -> Literal["min", "max"]:

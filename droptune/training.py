@@ -168,12 +168,16 @@ def fit(
     datamodule = config.build_datamodule()
     module = config.build_module(datamodule)
     monitor = config.regularization.early_stopping.monitor
-    tracker = _BestTracker(monitor, config.regularization.early_stopping.resolved_mode)
+    stopping = config.regularization.early_stopping
+    tracker = _BestTracker(monitor, stopping.resolved_mode, keep=stopping.restores)
     trainer = build_trainer(
         config, callbacks=[tracker, *trainer_overrides.pop("callbacks", [])], **trainer_overrides
     )
     trainer.fit(module, datamodule=datamodule)
     metrics = _scalars(trainer.callback_metrics)
+    if tracker.best_state is not None:  # test and save the best epoch's weights
+        module.load_state_dict(tracker.best_state)
+        tracker.best_state = None
     if tracker.best is not None:
         metrics[f"best_{monitor}"] = tracker.best
     if test and is_overridden("test_step", module) and _has_test_data(datamodule):
@@ -213,12 +217,15 @@ def _has_test_data(datamodule: pl.LightningDataModule) -> bool:
 
 
 class _BestTracker(pl.Callback):
-    """Remembers the best value of the monitored metric across validation epochs."""
+    """Remembers the best value of the monitored metric across validation epochs, and with
+    ``keep`` a copy of the module's weights at that epoch (restored when training ends)."""
 
-    def __init__(self, monitor: str, mode: str) -> None:
+    def __init__(self, monitor: str, mode: str, keep: bool = False) -> None:
         self.monitor, self.mode = monitor, mode
         self.best: float | None = None
         self.history: list[float] = []
+        self.keep = keep
+        self.best_state: dict[str, Any] | None = None
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         value = trainer.callback_metrics.get(self.monitor)
@@ -230,6 +237,10 @@ class _BestTracker(pl.Callback):
             self.best is None or (number < self.best if self.mode == "min" else number > self.best)
         ):
             self.best = number
+            if self.keep:
+                self.best_state = {
+                    k: v.detach().clone() for k, v in pl_module.state_dict().items()
+                }
 
 
 def load_checkpoint(path: str | Path, map_location: Any = None, module_class: Any = None) -> Any:

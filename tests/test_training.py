@@ -409,3 +409,36 @@ def test_matmul_precision_is_applied_and_validated() -> None:
         torch.set_float32_matmul_precision(previous)
     with pytest.raises(ValueError, match=r"train\.matmul_precision: .*'highest'.*'tf32'"):
         TrainConfig.from_dict({"train": {"matmul_precision": "tf32"}})
+
+
+# ----------------------------------------------------------------------------------------------
+# Restoring the best epoch's weights
+
+
+def _val_loss(module: Any, cfg: TrainConfig) -> float:
+    data = cfg.build_datamodule()
+    data.setup("fit")
+    x, y = data.splits["val"]
+    module.eval()
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(module(x), y))
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_early_stopping_ends_with_the_best_epochs_weights(restore: bool) -> None:
+    """A high learning rate overfits after a few epochs; with restore_best the module ends with
+    the weights of the epoch that scored best (what a trial's value reports), otherwise with
+    the last epoch's, ``patience`` epochs later."""
+    cfg = config(
+        model={"family": "mlp", "hidden": [64]},
+        train={"max_epochs": 40, "lr": 0.03},
+        regularization={"early_stopping": {"patience": 3, "restore_best": restore}},
+    )
+    result = fit(cfg, test=False)
+    assert result.stopped_early
+    best = result.metrics["best_val_loss"]
+    final = _val_loss(result.module, cfg)
+    if restore:
+        assert final == pytest.approx(best, rel=1e-4, abs=1e-5)
+    else:
+        assert final > best + 1e-4

@@ -71,7 +71,8 @@ class MemberResult:
             without early stopping configured).
         timed_out: The deadline passed while the member was still training.
         seconds: Wall time from the start of :func:`train_population` to the member's end.
-        state_dict: With ``return_weights``, the member's weights when it finished, as the
+        state_dict: With ``return_weights``, the member's weights when it finished (those of
+            its best epoch when ``early_stopping.restores``, as ``fit``), as the
             ``state_dict`` of ``build_network(config, info)`` (on the CPU).
     """
 
@@ -456,6 +457,9 @@ def _loop(
             value = metrics[stopping.monitor]
             if _better(value, result.best, stopping.resolved_mode == "max"):
                 result.best = value
+                if return_weights and stopping.restores:  # as fit: the best epoch's weights
+                    state = run.net.member_state_dict(row)
+                    result.state_dict = {key: v.detach().cpu().clone() for key, v in state.items()}
             result.stopped_early = stoppers[member].update(value)
             result.diverged = not math.isfinite(value)
             trained_rows[member] = row
@@ -497,7 +501,8 @@ def _finish(
 ) -> None:
     """Close a member's result (its row is still in the stacks)."""
     result.seconds = time.perf_counter() - started
-    if return_weights:
+    stopping = result.config.regularization.early_stopping
+    if return_weights and not (stopping.restores and result.state_dict is not None):
         state = run.net.member_state_dict(row)
         result.state_dict = {key: value.cpu() for key, value in state.items()}
     monitor = result.config.regularization.early_stopping.monitor

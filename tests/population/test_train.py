@@ -382,3 +382,28 @@ def test_fast_init_trains_as_well() -> None:
     fast = train_population(configs, init="fast")
     accuracy = [statistics.fmean(r.metrics["val_acc"] for r in rs) for rs in (exact, fast)]
     assert abs(accuracy[0] - accuracy[1]) < 0.05 and min(accuracy) > 0.8, accuracy
+
+
+def test_returned_weights_are_the_best_epochs_like_fit() -> None:
+    """With early stopping, a member's returned weights are those of its best epoch: their
+    validation loss is the member's best, as ``fit``'s restored module."""
+    configs = [
+        member(seed, train={"max_epochs": 40, "lr": 0.03}, regularization={
+            "early_stopping": {"patience": 3}})
+        for seed in (0, 1)
+    ]  # fmt: skip
+    results = train_population(configs, return_weights=True)
+    data = configs[0].build_datamodule()
+    data.setup("fit")
+    x, y = data.splits["val"]
+    for cfg, result in zip(configs, results, strict=True):
+        assert result.stopped_early and result.best is not None and result.state_dict
+        net = build_network(cfg, data.info)
+        net.load_state_dict(result.state_dict)
+        net.eval()
+        with torch.no_grad():
+            loss = float(F.cross_entropy(net(x), y))
+        assert loss == pytest.approx(result.best, rel=1e-4, abs=1e-5)
+        assert result.epochs > 1 + min(
+            i for i, row in enumerate(result.history) if row["val_loss"] == result.best
+        )

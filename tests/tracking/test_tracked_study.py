@@ -408,3 +408,27 @@ def _expand_children(driver: Any) -> bool:
             button.click()
             clicked = True
     return clicked
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP", "SIGKILL"])
+def test_droptune_ui_stops_its_server_on_signals_and_when_it_dies(
+    tracked: Tracked, how: str
+) -> None:
+    """A closed terminal (SIGHUP), a service manager (SIGTERM) or kill -9 of `ui` itself: the
+    MLflow server it started is gone afterwards and its port closed."""
+    ui = tracked.procs.start(
+        "ui", NAME, "--storage", tracked.storage, "--tracking-uri", tracked.tracking_uri
+    )
+    url = _read_url(ui, 180)
+    port = int(url.split(":")[2].split("/")[0])
+    assert _port_open(port)
+
+    ui.send_signal(getattr(signal, how))
+    ui.wait(timeout=60)
+
+    if how != "SIGKILL":
+        assert ui.returncode == 0, ui.stderr.read()[-3000:] if ui.stderr else ""
+    deadline = time.monotonic() + 30
+    while _port_open(port) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _port_open(port), f"droptune ui left its server running after {how}"
