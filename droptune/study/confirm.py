@@ -289,18 +289,15 @@ def _log_run(
     """One MLflow run per re-training, under the study's run, tagged with its origin trial."""
     try:
         tracker = tracking.tracker
-        run = tracker.client.create_run(
-            tracker.experiment_id(),
-            run_name=f"confirm-trial-{candidate.trial}-seed-{seed}",
-            tags={
-                "mlflow.parentRunId": parent,
-                "droptune.study": tracking.study_name,
+        run_id = tracker.start_child_run(
+            parent,
+            f"confirm-trial-{candidate.trial}-seed-{seed}",
+            {
                 "droptune.role": "confirmation",
                 "droptune.confirmation_of": str(candidate.trial),
                 "droptune.seed": str(seed),
             },
         )
-        run_id = str(run.info.run_id)
         value = candidate.values[-1]
         tracker.finish_trial_run(
             run_id,

@@ -190,21 +190,27 @@ class Tracker:
             )
         return str(run.info.run_id)
 
-    def start_trial_run(self, parent_run_id: str, trial_number: int, tags: dict[str, str]) -> str:
-        """Create the trial's child run, RUNNING."""
+    def start_child_run(self, parent_run_id: str, name: str, tags: dict[str, str]) -> str:
+        """Create a RUNNING run under the study's run."""
         run = self.client.create_run(
             self.experiment_id(),
-            run_name=f"trial-{trial_number}",
-            tags={
-                "mlflow.parentRunId": parent_run_id,
-                "droptune.study": self.study_name,
+            run_name=name,
+            tags={"mlflow.parentRunId": parent_run_id, "droptune.study": self.study_name, **tags},
+        )
+        return str(run.info.run_id)
+
+    def start_trial_run(self, parent_run_id: str, trial_number: int, tags: dict[str, str]) -> str:
+        """Create the trial's child run, RUNNING."""
+        return self.start_child_run(
+            parent_run_id,
+            f"trial-{trial_number}",
+            {
                 "droptune.trial_number": str(trial_number),
                 "droptune.role": "trial",
                 "optuna.state": "RUNNING",
                 **tags,
             },
         )
-        return str(run.info.run_id)
 
     def finish_trial_run(
         self,
