@@ -341,3 +341,28 @@ def test_a_diverged_candidate_is_never_the_confirmed_best() -> None:
         fine = [Candidate(1, 0.2, [0.5, 0.6]), Candidate(2, 0.3, [0.4, 0.45])]
         best = pick_best([diverged, *fine], direction)
         assert best.trial == (2 if direction == "minimize" else 1)
+
+
+def test_a_study_from_an_earlier_droptune_keeps_the_budget_its_slots_say(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Made before budgets were recorded: slots for 7 trials and two finished trials, no
+    budget row. Joining it records 7 (not the spec's 3) and enqueues no baseline."""
+    from droptune.storage import open_storage
+    from droptune.study.slots import Slots
+
+    (tmp_path / "db").mkdir()
+    old = optuna.create_study(study_name="old", storage=open_storage(sqlite_url))
+    for value in (1.0, 2.0):
+        old.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
+    slots = Slots(sqlite_url, "old")
+    try:
+        slots.ensure(7)
+    finally:
+        slots.close()
+    spec = spec_from_dict(merge(TINY, {"storage": sqlite_url, "n_trials": 3}))
+
+    study = create_study(spec, sqlite_url, "old")
+
+    assert study_budget(sqlite_url, "old") == 7
+    assert len(study.trials) == 2  # no baseline enqueued into a study that has trials
