@@ -579,10 +579,15 @@ class StudyTracking:
         states = trial_states(study)
         slots = Slots(self.storage_url, self.study_name)
         try:  # a study without slots (made outside droptune's runner) is never "finished"
-            finished = slots.total() > 0 and slots.finished(states)
+            rows = slots.rows()
+            finished = bool(rows) and slots.finished(states)
         finally:
             slots.close()
-        if not finished and "RUNNING" in states.values():
+        # a trial running, or a slot a worker holds between two trials: the study goes on
+        busy = "RUNNING" in states.values() or any(
+            row.owner is not None and row.trial_number is None for row in rows
+        )
+        if not finished and busy:
             return None
         status = "FINISHED" if finished else "KILLED"
         client = self.tracker.client
