@@ -64,6 +64,7 @@ SPECS: dict[str, str] = {
     "csv-empty-cell.yaml": _csv_spec("empty.csv"),
     "ftp-tracking.yaml": _dump({**TINY, "tracking": {"enabled": True, "uri": "ftp://x"}}),
     "study-only.yaml": "study: {name: tiny}\n",
+    "many-workers.yaml": _spec(execution__workers=1000),
     "empty-mapping.yaml": "{}\n",
 }
 CSVS = {
@@ -115,6 +116,9 @@ ROWS: list[tuple[list[str], str]] = [
     (["train", "valid.yaml", "--output", "/proc/droptune-x"], "--output"),
     (["train", "good.csv", "--output", "out"], "good.csv"),
     (["confirm", "tiny", "--storage", "{db}", "--top-k", "0"], "--top-k"),
+    # hundreds of local workers exhaust any host's memory (seen: the kernel killed them)
+    (["run", "valid.yaml", "--storage", "{db}", "--workers", "400"], "--workers"),
+    (["run", "many-workers.yaml", "--storage", "{db}"], "--workers"),
 ]
 
 

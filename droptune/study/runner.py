@@ -242,6 +242,22 @@ def check_gpu_ids(ids: list[int], field: str) -> None:
         )
 
 
+def max_local_workers() -> int:
+    """The most worker processes one ``run`` starts on this machine: each imports torch and
+    Lightning (~0.5 GiB), so hundreds exhaust the memory of any host (seen: 400 workers on a
+    24 GiB machine, killed by the kernel). More workers belong on more machines."""
+    return max(8, 4 * (os.cpu_count() or 1))
+
+
+def _check_worker_count(count: int) -> None:
+    limit = max_local_workers()
+    if count > limit:
+        raise SpecError(
+            f"--workers: {count} local workers is more than this machine can hold (at most "
+            f"{limit}: 4 per CPU core); start `droptune worker` on more machines instead"
+        )
+
+
 def plan_workers(devices: str, workers: int | None, per_device: int) -> list[dict[str, Any]]:
     """One entry per worker: its ``CUDA_VISIBLE_DEVICES`` and config overrides.
 
@@ -259,6 +275,7 @@ def plan_workers(devices: str, workers: int | None, per_device: int) -> list[dic
         check_gpu_ids([int(i) for i in ids], "--devices")
     if not ids:
         count = workers if workers is not None else 1
+        _check_worker_count(count)
         threads = max(1, (os.cpu_count() or 1) // max(count, 1))
         return [
             {
@@ -272,6 +289,7 @@ def plan_workers(devices: str, workers: int | None, per_device: int) -> list[dic
             for _ in range(count)
         ]
     count = workers if workers is not None else len(ids) * per_device
+    _check_worker_count(count)
     return [
         {
             "env": {"CUDA_VISIBLE_DEVICES": ids[i % len(ids)]},
