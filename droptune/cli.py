@@ -632,7 +632,7 @@ def report(
 
     opened, tracking = _study_tracking(study, storage, tracking_uri)
     if output is not None:
-        for path in write_study_artifacts(opened, output):
+        for path in write_study_artifacts(opened, _output_dir(output, "--output")):
             typer.echo(f"wrote {path}")
     names = _tracking_call(tracking, lambda: tracking.report(opened))
     _tracking_call(tracking, lambda: tracking.close_ended_runs(opened))
@@ -796,6 +796,10 @@ def _root(
 
     global _VERBOSE
     _VERBOSE = verbose
+    if not verbose:  # Optuna's INFO lines ("Using an existing study ...") only with -v
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -826,9 +830,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         # typer vendors click; its UsageError/BadParameter carry exit_code 2 and show().
-        show = getattr(exc, "show", None)
-        if callable(show) and isinstance(getattr(exc, "exit_code", None), int):
-            show()
+        message = getattr(exc, "format_message", None)
+        if callable(message) and isinstance(getattr(exc, "exit_code", None), int):
+            # click's usage errors: one line (its usage banner and hint only with -v)
+            if _VERBOSE and callable(getattr(exc, "show", None)):
+                exc.show()  # type: ignore[attr-defined]
+            else:
+                text = " ".join(str(message()).split())
+                command = getattr(getattr(exc, "ctx", None), "command_path", "droptune")
+                if text:  # (no text: click showed the help, e.g. a group without a command)
+                    typer.echo(f"error: {text} (see {command} --help)", err=True)
             return int(exc.exit_code)  # type: ignore[attr-defined]
         if type(exc).__name__ == "Abort":
             # click turns Ctrl-C (KeyboardInterrupt) into Abort.
