@@ -216,14 +216,18 @@ def _spec_and_url(
         from droptune.storage import check_url
 
         check_url(storage, "--storage")
-    if spec.tracking.enabled and not spec.tracking.uri:
+    if spec.tracking.enabled:
         import os
 
-        env = os.environ.get("MLFLOW_TRACKING_URI")
-        if env:  # checked before anything is created, as tracking.uri is
-            from droptune.tracking._client import check_tracking_uri
+        from droptune.tracking._client import check_tracking_database
+        from droptune.tracking._client import check_tracking_uri
 
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        if spec.tracking.uri:
+            check_tracking_database(spec.tracking.uri, "tracking.uri")
+        elif env:  # checked before anything is created, as tracking.uri is
             check_tracking_uri(env, "MLFLOW_TRACKING_URI")
+            check_tracking_database(env, "MLFLOW_TRACKING_URI")
     return spec, storage or spec.storage or default_url(name), name
 
 

@@ -52,6 +52,9 @@ __all__ = [
 SITES = ("input", "hidden", "conv", "sequence", "attention", "residual", "embedding")
 #: The most torch threads a config may ask for.
 MAX_THREADS = 1024
+#: The widest layer a config may ask for (a wider one only fails every trial allocating it).
+MAX_WIDTH = 1 << 20
+Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
 
 _SITE_KINDS: dict[str, frozenset[str]] = {
     "input": frozenset(ELEMENTWISE_KINDS),
@@ -265,7 +268,7 @@ class DataConfig(StrictModel):
     n_features: PositiveInt = 20
     n_classes: int = Field(default=4, ge=2)
     label_noise: float = Field(default=0.1, ge=0.0, lt=1.0)
-    teacher_hidden: PositiveInt = 32
+    teacher_hidden: Width = 32
     # csv
     path: str | None = None
     target: str | None = None
@@ -302,18 +305,18 @@ class ModelConfig(StrictModel):
     """
 
     family: Literal["mlp", "cnn", "rnn", "transformer", "custom"] = "mlp"
-    hidden: list[PositiveInt] = Field(default_factory=lambda: [256, 256])
+    hidden: list[Width] = Field(default_factory=lambda: [256, 256])
     activation: Literal["relu", "gelu", "tanh", "selu", "elu"] = "relu"
     norm: Literal["none", "batch", "layer"] = "none"
-    channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])
+    channels: list[Width] = Field(default_factory=lambda: [32, 64])
     kernel_size: PositiveInt = 3
     cell: Literal["lstm", "gru"] = "gru"
-    hidden_size: PositiveInt = 64
+    hidden_size: Width = 64
     num_layers: PositiveInt = 1
     bidirectional: bool = False
     vocab_size: PositiveInt | None = None
     embedding_dim: PositiveInt = 32
-    d_model: PositiveInt = 64
+    d_model: Width = 64
     heads: PositiveInt = 4
     depth: PositiveInt = 2
     ffn_mult: PositiveInt = 2

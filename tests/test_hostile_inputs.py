@@ -65,6 +65,21 @@ SPECS: dict[str, str] = {
     "ftp-tracking.yaml": _dump({**TINY, "tracking": {"enabled": True, "uri": "ftp://x"}}),
     "study-only.yaml": "study: {name: tiny}\n",
     "many-workers.yaml": _spec(execution__workers=1000),
+    "huge-layer.yaml": _spec(model__hidden=[100_000_000_000]),
+    "no-host.yaml": _dump({**TINY, "tracking": {"enabled": True, "uri": "http://"}}),
+    "memory-store.yaml": _dump({**TINY, "tracking": {"enabled": True, "uri": "sqlite:///"}}),
+    "proc-store.yaml": _dump(
+        {**TINY, "tracking": {"enabled": True, "uri": "sqlite:////proc/droptune/m.db"}}
+    ),
+    "no-such-db.yaml": _dump(
+        {
+            **TINY,
+            "tracking": {
+                "enabled": True,
+                "uri": "postgresql+psycopg://postgres@127.0.0.1:5432/zz_no_db",
+            },
+        }
+    ),
     "empty-mapping.yaml": "{}\n",
 }
 CSVS = {
@@ -119,6 +134,17 @@ ROWS: list[tuple[list[str], str]] = [
     # hundreds of local workers exhaust any host's memory (seen: the kernel killed them)
     (["run", "valid.yaml", "--storage", "{db}", "--workers", "400"], "--workers"),
     (["run", "many-workers.yaml", "--storage", "{db}"], "--workers"),
+    (["run", "huge-layer.yaml", "--storage", "{db}"], "model.hidden[0]"),
+    # tracking stores that can never work: refused before the study exists
+    (["run", "no-host.yaml", "--storage", "{db}"], "names no host"),
+    (["run", "memory-store.yaml", "--storage", "{db}"], "in-memory"),
+    (["run", "proc-store.yaml", "--storage", "{db}"], "cannot be created"),
+    (["run", "no-such-db.yaml", "--storage", "{db}"], "does not exist"),
+    # usage errors: one line too
+    (["run", "valid.yaml", "--workers", "-1"], "--workers"),
+    (["run", "valid.yaml", "--n-trials", "abc"], "--n-trials"),
+    (["run"], "SPEC"),
+    (["--bogus"], "--bogus"),
 ]
 
 

@@ -68,7 +68,76 @@ def check_tracking_uri(uri: str, field: str) -> str:
             f"{field}: unsupported tracking URI {mask_text(uri)!r}; allowed: "
             "http(s)://host:port, sqlite:///path.db, postgresql://..., mysql://..., databricks"
         )
+    problem = _unusable(uri)
+    if problem:
+        raise SpecError(f"{field}: tracking URI {mask_text(uri)!r} {problem}")
     return uri
+
+
+def check_tracking_database(uri: str, field: str) -> None:
+    """Connect once to a database tracking store (``postgresql``/``mysql``) before anything
+    is created: MLflow's client retries a database that does not exist for minutes. A store
+    that cannot be opened as given (no such database, a wrong password) is a SpecError (exit
+    2); one that is down only warns, as a tracking outage never stops a study (``droptune
+    sync`` back-fills it)."""
+    if not uri.startswith(("postgresql", "mysql")):
+        return
+    import sqlalchemy as sa
+
+    from droptune.exceptions import SpecError
+    from droptune.storage import is_outage
+    from droptune.storage import mask_text
+
+    args = {"connect_timeout": 10} if uri.startswith("postgresql") else {}
+    try:
+        engine = sa.create_engine(uri, connect_args=args)
+    except Exception as exc:
+        raise SpecError(f"{field}: {mask_text(uri)!r} cannot be used: {exc}") from None
+    try:
+        with engine.connect():
+            pass
+    except Exception as exc:
+        text = mask_text((str(exc).splitlines() or [type(exc).__name__])[0])
+        if is_outage(exc):
+            log.warning(
+                "%s: the tracking database %r is unreachable (%s): trials are recorded in "
+                "Optuna only until it is back; then run `droptune sync`",
+                field,
+                mask_text(uri),
+                text,
+            )
+            return
+        raise SpecError(
+            f"{field}: the tracking database {mask_text(uri)!r} cannot be opened: {text}"
+        ) from None
+    finally:
+        engine.dispose()
+
+
+def _unusable(uri: str) -> str | None:
+    """Why a tracking URI of an accepted scheme can never work (None if it may)."""
+    from urllib.parse import urlsplit
+
+    if uri.startswith(("http://", "https://")):
+        if not (urlsplit(uri).hostname or ""):
+            return "names no host (http://host:port)"
+        return None
+    if uri.startswith("sqlite:"):
+        path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
+        if not path or path.startswith(":memory:"):
+            return "names no file: an in-memory store loses every run (sqlite:///path/mlflow.db)"
+        folder = Path(path).parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            return f"cannot be created: {str(folder)!r} is not a folder"
+        try:  # access() says yes to root everywhere (/proc too): try it, leaving nothing
+            import tempfile
+
+            os.rmdir(tempfile.mkdtemp(dir=folder))
+        except OSError as exc:
+            return f"cannot be created in {str(folder)!r}: {exc.strerror or exc}"
+    return None
 
 
 def default_tracking_uri(study_name: str, root: Path = Path("runs")) -> str:
