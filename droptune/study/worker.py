@@ -348,11 +348,21 @@ def _bound_numbers(slots: Slots, held: list[int]) -> dict[int, int]:
 
 
 class _QuietDuplicates(logging.Filter):
-    """Drops Optuna's warning (with a traceback) for a trial refused as a duplicate: it is no
-    failure of the config, and a discrete space can produce many."""
+    """Drops Optuna's warnings (one with a traceback, then "failed with value None") for a
+    trial refused as a duplicate: it is no failure of the config, and a discrete space can
+    produce many."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numbers: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "DuplicateConfig(" not in record.getMessage()
+        message = record.getMessage()
+        if "DuplicateConfig(" in message:
+            self.numbers.add(message.split()[1])  # "Trial <n> failed with parameters ..."
+            return False
+        words = message.split()
+        return not (len(words) > 1 and words[0] == "Trial" and words[1] in self.numbers)
 
 
 def _quiet_duplicates() -> None:
