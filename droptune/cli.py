@@ -675,12 +675,12 @@ def ui(
     server = start_server(
         tracking.uri, artifacts, host=host, port=port, allowed_hosts=allowed_hosts
     )
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    typer.echo(f"MLflow UI for study {study}: http://{shown}:{server.port}/{page}", err=False)
-    typer.echo("press Ctrl-C to stop", err=True)
-    sys.stdout.flush()
-    restore = _stop_on_signals()
+    restore = _stop_on_signals()  # before the page is printed: a signal may follow at once
     try:
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        typer.echo(f"MLflow UI for study {study}: http://{shown}:{server.port}/{page}")
+        typer.echo("press Ctrl-C to stop", err=True)
+        sys.stdout.flush()
         code = server.process.wait()
     except KeyboardInterrupt:
         code = 0

@@ -65,7 +65,13 @@ FULL = {
     },
     "l2": {"strength": 1.0e-4, "mode": "coupled"},
     "max_norm": 3.0,
-    "early_stopping": {"patience": None, "min_delta": 0.001, "monitor": "val_acc", "mode": "max"},
+    "early_stopping": {
+        "patience": None,
+        "min_delta": 0.001,
+        "monitor": "val_acc",
+        "mode": "max",
+        "restore_best": False,
+    },
 }
 
 
