@@ -162,6 +162,7 @@ class FinishedConfigs:
         none, and trial ``number`` is then recorded as asked)."""
         key = _key(params)
         twin = self._finished.get(key, self._asked.get(key))
-        if twin is None:
+        if twin is None or twin == number:  # (a trial running with its params is itself)
             self._asked[key] = number
+            return None
         return twin
