@@ -144,16 +144,12 @@ class FinishedConfigs:
         self._asked: dict[tuple[tuple[str, str], ...], int] = {}
 
     def refresh(self, study: optuna.Study) -> None:
-        """Read the trials finished since the last call, and those other workers are running
-        now (a config already training elsewhere is not started twice); forget the asked
-        ones."""
+        """Read the trials finished since the last call; forget the asked ones."""
         self._asked.clear()
-        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-        for trial in study.get_trials(deepcopy=False, states=states):
-            if trial.state == TrialState.RUNNING:
-                if trial.params:
-                    self._asked.setdefault(_key(trial.params), trial.number)
-            elif trial.number not in self._numbers:
+        for trial in study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
+        ):
+            if trial.number not in self._numbers:
                 self._numbers.add(trial.number)
                 self._finished.setdefault(_key(trial.params), trial.number)
 
