@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 import json
 import logging
+import math
 from pathlib import Path
 import sys
 from typing import Annotated
@@ -42,6 +43,7 @@ SPEC_ONLY_SECTIONS = (
     "timeout",
     "execution",
     "confirm",
+    "code_dir",
 )
 
 log = logging.getLogger("droptune")
@@ -90,7 +92,9 @@ def _load_train_config(path: Path) -> Any:
     from droptune.exceptions import ConfigError
 
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        from droptune.config import why_not_a_file
+
+        raise ConfigError(f"config file {str(path)!r} {why_not_a_file(path)}")
     data = load_yaml_mapping(path.read_text(), what=str(path))
     fixed = {k: v for k, v in data.items() if k not in SPEC_ONLY_SECTIONS}
     if not fixed:
@@ -98,7 +102,15 @@ def _load_train_config(path: Path) -> Any:
             f"{path}: no training section; a config needs at least one of data, model, train, "
             "regularization (an exported best config or a study spec has them)"
         )
-    return TrainConfig.from_dict(fixed)
+    config = TrainConfig.from_dict(fixed)
+    from droptune.study.spec import import_user_code
+    from droptune.study.spec import names_user_code
+
+    if names_user_code(config):  # from the environment or the config's folder (its code_dir)
+        code_dir = data.get("code_dir")
+        folder = (path.parent / (code_dir if isinstance(code_dir, str) else ".")).resolve()
+        import_user_code(config, [str(folder)] if folder.is_dir() else [])
+    return config
 
 
 def _output_dir(path: Path, option: str) -> Path:
@@ -182,6 +194,18 @@ def train(
     typer.echo(f"output: {out}")
 
 
+def _finite(option: str) -> Any:
+    """A typer callback: a float option must be a finite number (click's ranges let ``inf``
+    and ``nan`` through)."""
+
+    def check(value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise typer.BadParameter(f"must be a finite number of seconds, got {value}")
+        return value
+
+    return check
+
+
 def _study_name(field: str) -> Any:
     """A typer callback: the study name through the one check every name passes
     (:func:`droptune.storage.check_study_name`) before it becomes part of a path."""
@@ -244,7 +268,10 @@ def run(
         ),
     ] = None,
     timeout: Annotated[
-        float | None, typer.Option(min=1, help="Seconds after which no new trial starts.")
+        float | None,
+        typer.Option(
+            min=1, callback=_finite("--timeout"), help="Seconds after which no new trial starts."
+        ),
     ] = None,
     workers: Annotated[
         int | None, typer.Option(min=0, help="Worker processes (0: only create the study).")
@@ -339,7 +366,10 @@ def worker(
         ),
     ] = 0,
     deadline: Annotated[
-        float | None, typer.Option(help="Unix time after which no new trial starts.")
+        float | None,
+        typer.Option(
+            callback=_finite("--deadline"), help="Unix time after which no new trial starts."
+        ),
     ] = None,
     graceful: Annotated[bool, typer.Option(help="On SIGTERM finish the running trial.")] = False,
     population: Annotated[

@@ -558,6 +558,13 @@ def _mlflow_artifact_text(uri: str) -> str:
         return local.read_text()
 
 
+def why_not_a_file(path: Path) -> str:
+    """Why ``path`` is not a file one can read, for an error message."""
+    if path.is_dir():
+        return "is a folder, not a YAML file"
+    return "does not exist" if not path.exists() else "is not a regular file"
+
+
 def load_config(source: str | Path | dict[str, Any]) -> TrainConfig:
     """Load a :class:`TrainConfig` from a YAML file path, a dict, or an MLflow artifact such as
     ``runs:/<run_id>/best_config.yaml`` (the study's parent run holds the best config; the
@@ -573,5 +580,5 @@ def load_config(source: str | Path | dict[str, Any]) -> TrainConfig:
         return TrainConfig.from_yaml(_mlflow_artifact_text(source))
     path = Path(source)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {str(path)!r} {why_not_a_file(path)}")
     return TrainConfig.from_yaml(path.read_text())

@@ -412,6 +412,7 @@ class _Flag:
 def _worker_cmd(request: StackRequest, index: int, owner: str) -> list[str]:
     cmd = [
         sys.executable,
+        "-P",  # the working directory is not importable (as for the console script)
         "-m",
         "droptune.cli",
         "worker",

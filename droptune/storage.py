@@ -64,7 +64,10 @@ _DRIVERS = ("sqlite", "postgresql", "mysql")
 
 #: What a password is shown as.
 MASK = "***"
-_PASSWORD_IN_URL = re.compile(r"(\b[A-Za-z][\w+.-]*://[^:/@\s'\"]*:)([^@\s'\"/]+)(@)")
+#: The password of ``scheme://user:password@host``: everything up to the *last* ``@`` of the
+#: URL, so that a raw ``@``, ``/`` or ``#`` in a password (which SQLAlchemy would split at) is
+#: masked whole (a later ``@``, in a query, masks more than needed, never less).
+_PASSWORD_IN_URL = re.compile(r"(\b[A-Za-z][\w+.-]*://[^:/@\s'\"]*:)([^\s'\"]+)(@)")
 
 
 #: Query or DSN parameters that carry a credential (``?password=...``, libpq's

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import contextlib
+import os
 from pathlib import Path
+import subprocess
 from typing import Any
 
 import pytest
@@ -140,6 +142,12 @@ ROWS: list[tuple[list[str], str]] = [
     (["run", "memory-store.yaml", "--storage", "{db}"], "in-memory"),
     (["run", "proc-store.yaml", "--storage", "{db}"], "cannot be created"),
     (["run", "no-such-db.yaml", "--storage", "{db}"], "does not exist"),
+    # a folder where a file is expected; non-finite seconds
+    (["run", "folder.csv", "--storage", "{db}"], "is a folder"),
+    (["train", "folder.csv", "--output", "out"], "is a folder"),
+    (["run", "valid.yaml", "--storage", "{db}", "--timeout", "inf"], "--timeout"),
+    (["run", "valid.yaml", "--storage", "{db}", "--timeout", "nan"], "--timeout"),
+    (["worker", "valid.yaml", "--storage", "{db}", "--deadline", "inf"], "--deadline"),
     # usage errors: one line too
     (["run", "valid.yaml", "--workers", "-1"], "--workers"),
     (["run", "valid.yaml", "--n-trials", "abc"], "--n-trials"),
@@ -220,3 +228,108 @@ def test_unwritable_export_outputs_exit_2(capsys: pytest.CaptureFixture[str]) ->
             assert "Traceback" not in out + err
             assert f"--output: {target!r}" in err or f"--output: cannot write {target!r}" in err
             assert message in err
+
+
+_USER_MODULE = """
+from pathlib import Path
+from torch import nn
+
+Path("IMPORTED-FROM-" + Path(__file__).parent.name).write_text("")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Dropout(0.1),
+                                  nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.body(x)
+"""
+
+
+def _user_model_spec(code_dir: str | None = None) -> str:
+    from tests.study.helpers import TINY
+
+    spec: dict[str, Any] = {
+        **TINY,
+        "model": {"family": "custom", "target": "zz_droptune_usermod:Net"},
+        "search": {"regularization.dropout.hidden_rate": {"low": 0.0, "high": 0.5}},
+        "n_trials": 1,
+    }
+    if code_dir is not None:
+        spec["code_dir"] = code_dir
+    return _dump(spec)
+
+
+def _console(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    from tests.test_cli_train import _console_script
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DROPTUNE_STORAGE")}
+    return subprocess.run(
+        [*_console_script(), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_user_code_is_imported_from_the_environment_or_the_specs_folder_only(
+    tmp_path: Path,
+) -> None:
+    """``model.target`` names user code, imported by design; but only from the installed
+    environment or the spec's folder (``code_dir``), never from the folder a command happens
+    to be run in: a module lying there is neither imported nor run, by ``run``, ``train`` or
+    the workers ``run`` starts."""
+    cwd, specs, code = tmp_path / "cwd", tmp_path / "specs", tmp_path / "code"
+    for folder in (cwd, specs, code):
+        folder.mkdir()
+    (cwd / "zz_droptune_usermod.py").write_text(_USER_MODULE)
+    (specs / "spec.yaml").write_text(_user_model_spec())
+    db = f"sqlite:///{tmp_path / 'study.db'}"
+
+    for args in (
+        ["run", str(specs / "spec.yaml"), "--storage", db],
+        ["train", str(specs / "spec.yaml"), "--output", str(tmp_path / "out")],
+    ):
+        done = _console(args, cwd)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2, done.stderr
+        assert len(lines) == 1 and "model.target" in lines[0], done.stderr
+        assert "working directory is not searched" in lines[0], done.stderr
+        assert not list(cwd.glob("IMPORTED-*")), "the module in the working directory ran"
+    assert not (tmp_path / "study.db").exists() and not (tmp_path / "out").exists()
+
+    # next to the spec: found, and the workers `run` starts find it too (they run with -P)
+    (specs / "zz_droptune_usermod.py").write_text(_USER_MODULE)
+    done = _console(["run", str(specs / "spec.yaml"), "--storage", db], cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (cwd / "IMPORTED-FROM-specs").exists() and not (cwd / "IMPORTED-FROM-cwd").exists()
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=db)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+    assert study.user_attrs["droptune.spec"]["code_dir"] == str(specs.resolve())
+
+    # code_dir names another folder, relative to the spec file; a missing one is refused
+    (specs / "zz_droptune_usermod.py").unlink()
+    (code / "zz_droptune_usermod.py").write_text(_USER_MODULE)
+    (specs / "other.yaml").write_text(_user_model_spec("../code"))
+    done = _console(
+        [
+            "train",
+            str(specs / "other.yaml"),
+            "--max-epochs",
+            "1",
+            "--output",
+            str(tmp_path / "out2"),
+        ],
+        cwd,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (cwd / "IMPORTED-FROM-code").exists()
+    (specs / "missing.yaml").write_text(_user_model_spec("../nowhere"))
+    done = _console(["run", str(specs / "missing.yaml"), "--storage", db], cwd)
+    assert done.returncode == 2 and "code_dir" in done.stderr, done.stderr

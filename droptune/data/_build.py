@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import importlib
-import os
+from pathlib import Path
 import sys
 from typing import TYPE_CHECKING
 from typing import Any
@@ -31,19 +32,34 @@ __all__ = ["build_datamodule", "describe", "import_object", "resolve_layout"]
 _AUTO_LAYOUT = {"mlp": "vector", "rnn": "sequence", "transformer": "sequence", "custom": "vector"}
 
 
-def import_object(path: str, field: str) -> Any:
-    """Import ``package.module:Attr``; a failure is a ConfigError naming ``field``."""
+def import_object(path: str, field: str, roots: Sequence[str | Path] = ()) -> Any:
+    """Import ``package.module:Attr``; a failure is a ConfigError naming ``field``.
+
+    The module is found on the process's ``sys.path`` (the installed environment, and
+    ``PYTHONPATH``), then in ``roots`` (the spec's or config's own directory). The working
+    directory is not searched unless it is one of those: the ``droptune`` console script and
+    the workers it starts (``python -P``) never put it on the path, so a module that merely
+    lies in the directory a command is run from is never imported."""
     module_name, _, attr = path.partition(":")
-    # Like uvicorn/celery: the working directory is importable, so `examples.user_model:Net`
-    # works from the console script too (Python adds the cwd only for `python -m`).
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    for root in roots:
+        # after the environment, so that a file in the spec's folder never shadows an
+        # installed package; kept, so that the module's own later imports resolve the same way
+        if str(root) not in sys.path:
+            sys.path.append(str(root))
     try:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{field}: cannot import {path!r}: {exc}") from None
+        where = ", ".join(repr(str(r)) for r in roots)
+        hint = (
+            f" (searched the installed environment{' and ' + where if where else ''}; the "
+            "working directory is not searched: install the package, add its folder to "
+            "PYTHONPATH or set the spec's code_dir)"
+            if isinstance(exc, ModuleNotFoundError)
+            else ""
+        )
+        raise ConfigError(f"{field}: cannot import {path!r}: {exc}{hint}") from None
     return obj
 
 

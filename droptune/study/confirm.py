@@ -181,6 +181,9 @@ def confirm_study(
     spec = spec_from_dict(
         study.user_attrs["droptune.spec"], source=study.study_name, recorded=True
     )
+    from droptune.study.spec import _check_user_code
+
+    _check_user_code(spec)  # from the installed environment or the spec's recorded code_dir
     metric = spec.study.objectives[0]
     direction = study.directions[0].name.lower()
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

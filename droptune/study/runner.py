@@ -134,8 +134,9 @@ def create_study(
         recorded = spec.to_dict()
         # keys newer than the first release, at their defaults, are left out: an earlier
         # droptune reading the study refuses keys it does not know
-        if recorded.get("confirm") is None:
-            recorded.pop("confirm", None)
+        for key in ("confirm", "code_dir"):
+            if recorded.get(key) is None:
+                recorded.pop(key, None)
         if recorded["study"].get("baseline") is True:
             recorded["study"].pop("baseline")
         for key in ("storage",):
@@ -563,6 +564,7 @@ def _start_workers(
     for index, entry in enumerate(plan):
         cmd = [
             sys.executable,
+            "-P",  # the working directory is not importable (as for the console script)
             "-m",
             "droptune.cli",
             "worker",

@@ -9,6 +9,7 @@ storage is touched: every error is a :class:`~droptune.exceptions.SpecError` nam
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
 from pathlib import Path
 import re
@@ -25,6 +26,7 @@ from droptune._validation import short_repr
 from droptune._validation import validate_model
 from droptune.config import TrainConfig
 from droptune.config import load_yaml_mapping
+from droptune.config import why_not_a_file
 from droptune.exceptions import ConfigError
 from droptune.exceptions import SpecError
 from droptune.storage import STUDY_NAME_PATTERN
@@ -267,6 +269,10 @@ class StudySpec(StrictModel):
     confirm: ConfirmSection | None = None
     n_trials: int = Field(default=20, ge=1, le=MAX_TRIALS)
     timeout: float | None = Field(default=None, gt=0)
+    #: The folder ``model.target`` and ``data.datamodule`` are imported from when the
+    #: installed environment does not have them: relative to the spec file (default: the
+    #: spec's own folder); :func:`load_spec` makes it absolute. Never the working directory.
+    code_dir: str | None = None
 
     @property
     def base(self) -> TrainConfig:
@@ -369,7 +375,7 @@ def load_spec(path: str | Path) -> StudySpec:
     """
     file = Path(path)
     if not file.is_file():
-        raise SpecError(f"spec file {str(file)!r} does not exist")
+        raise SpecError(f"spec file {str(file)!r} {why_not_a_file(file)}")
     try:
         data = load_yaml_mapping(file.read_text(), what=str(file))
     except ConfigError as exc:
@@ -378,6 +384,14 @@ def load_spec(path: str | Path) -> StudySpec:
         raise SpecError(f"spec file {str(file)!r} is not UTF-8 text") from None
     spec = spec_from_dict(data, str(file))
     _check_sampler_installed(spec)
+    if names_user_code(spec.base):
+        folder = (file.parent / (spec.code_dir or ".")).resolve()
+        if not folder.is_dir():
+            raise SpecError(
+                f"code_dir: {spec.code_dir!r} (relative to the spec file) is not a folder: "
+                f"{str(folder)!r}"
+            )
+        spec = spec.model_copy(update={"code_dir": str(folder)})
     _check_user_code(spec)
     try:
         check_data_source(spec.base.data)
@@ -400,6 +414,19 @@ def check_data_source(data: Any) -> None:
 _SAMPLER_PACKAGES = {"cmaes": "cmaes", "gp": "scipy", "qmc": "scipy"}
 
 
+def _import(path: str, field: str, roots: Sequence[str]) -> Any:
+    from droptune.data._build import import_object
+
+    try:
+        return import_object(path, field, roots)
+    except ConfigError as exc:
+        raise SpecError(str(exc)) from None
+    except (Exception, SystemExit) as exc:  # the user's module failed while being imported
+        raise SpecError(
+            f"{field}: importing {path!r} failed: {type(exc).__name__}: {str(exc)[:300]}"
+        ) from None
+
+
 def _check_sampler_installed(spec: StudySpec) -> None:
     """Optuna imports these packages only when the sampler first samples (every trial after
     the first would fail): refuse the spec instead."""
@@ -413,26 +440,29 @@ def _check_sampler_installed(spec: StudySpec) -> None:
         )
 
 
-def _import(path: str, field: str) -> Any:
-    from droptune.data._build import import_object
-
-    try:
-        return import_object(path, field)
-    except ConfigError as exc:
-        raise SpecError(str(exc)) from None
-    except (Exception, SystemExit) as exc:  # the user's module failed while being imported
-        raise SpecError(
-            f"{field}: importing {path!r} failed: {type(exc).__name__}: {str(exc)[:300]}"
-        ) from None
+def names_user_code(config: TrainConfig) -> bool:
+    """Whether a config names code of the user's to import (``model.target`` of the custom
+    family, ``data.datamodule``)."""
+    return (config.data.name == "datamodule" and config.data.datamodule is not None) or (
+        config.model.family == "custom" and config.model.target is not None
+    )
 
 
 def _check_user_code(spec: StudySpec) -> None:
-    """Import the user classes a spec names (the only code a spec can name: its import paths),
-    so that a bad one is a SpecError before any study is created, not a failed trial, and so
-    that a path to any other callable (``os:system``) is never called with the spec's kwargs.
-    Lightning is imported only for a spec that names user code (reading a study never needs
-    it)."""
-    base = spec.base
+    """The user code of a spec, imported from the environment or ``spec.code_dir``."""
+    roots = [spec.code_dir] if spec.code_dir and Path(spec.code_dir).is_dir() else []
+    import_user_code(spec.base, roots)
+
+
+def import_user_code(config: TrainConfig, roots: Sequence[str] = ()) -> None:
+    """Import the user classes a config names (the only code a spec or config can name: its
+    import paths) from the installed environment or ``roots`` (the spec's folder), so that a
+    bad one is a SpecError before any study is created, not a failed trial, and so that a
+    path to any other callable (``os:system``) is never called with the config's kwargs.
+    The module's top-level code runs when it is imported: it is the user's code, by design.
+    Lightning is imported only for a config that names user code (reading a study never
+    needs it)."""
+    base = config
     checks: list[tuple[str, str, type, str]] = []
     if base.data.name == "datamodule" and base.data.datamodule is not None:
         import pytorch_lightning as pl
@@ -457,7 +487,7 @@ def _check_user_code(spec: StudySpec) -> None:
             )
         )
     for path, field, expected, what in checks:
-        obj = _import(path, field)
+        obj = _import(path, field, roots)
         if not (isinstance(obj, type) and issubclass(obj, expected)):
             kind = f"class {obj.__name__}" if isinstance(obj, type) else type(obj).__name__
             raise SpecError(f"{field}: {path!r} is a {kind}, not a subclass of {what}")

@@ -28,6 +28,13 @@ from droptune.storage import mask_url
         ("sqlite:///runs/study/droptune.db", "sqlite:///runs/study/droptune.db"),
         ("postgresql://user@host/db", "postgresql://user@host/db"),
         ("http://127.0.0.1:5000/#/experiments/1", "http://127.0.0.1:5000/#/experiments/1"),
+        # raw @, / and # in a password (SQLAlchemy splits at the first @): masked whole
+        ("postgresql://u:p@ss@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:a@b#c@h:5432/db?x=1", "postgresql://u:***@h:5432/db?x=1"),
+        (
+            "postgresql://u:p/w@h/db and http://h:5000/x",
+            "postgresql://u:***@h/db and http://h:5000/x",
+        ),
     ],
 )
 def test_mask_text(text: str, expected: str) -> None:
@@ -38,6 +45,8 @@ def test_mask_url_keeps_urls_without_password_and_masks_the_rest() -> None:
     assert mask_url("sqlite:///a.db") == "sqlite:///a.db"
     assert mask_url("postgresql+psycopg://u:pw@h/db") == "postgresql+psycopg://u:***@h/db"
     assert "pw" not in mask_url("http://u:pw@h:1")
+    for url in ("postgresql://u:p@ssw0rd@h/db", "postgresql://u:p@ssw#0rd@h/db"):
+        assert "ssw" not in mask_url(url) and mask_url(url).endswith("@h/db")
 
 
 def test_masking_filter_masks_messages_arguments_and_tracebacks() -> None:
