@@ -20,30 +20,33 @@ configs that differ in shape) runs its trials one at a time instead, with a mess
 from __future__ import annotations
 
 from collections.abc import Callable
-from collections.abc import Iterator
 import contextlib
 import copy
 from dataclasses import dataclass
 from dataclasses import field
 import logging
 import math
-import threading
 import traceback
 from typing import TYPE_CHECKING
 from typing import Any
-import warnings
 
 import optuna
 from optuna.trial import TrialState
 
 from droptune import timing
-from droptune.storage import create_trials
+from droptune.storage import ParamBuffer
+from droptune.storage import ask_many
+from droptune.storage import cached_trial
 from droptune.storage import report_values
-from droptune.storage import set_params_many
+from droptune.storage import round_heartbeats
 from droptune.storage import set_user_attrs
 from droptune.storage import set_user_attrs_many
+from droptune.storage import should_prune_many
+from droptune.storage import storage_of
 from droptune.storage import tell_trials
+from droptune.storage import trial_id_of
 from droptune.storage import trial_states
+from droptune.storage import with_storage
 from droptune.study.objective import GAP_METRIC
 from droptune.study.objective import DuplicateConfig
 from droptune.study.objective import Objective
@@ -55,7 +58,7 @@ from droptune.study.space import BASELINE_ATTR
 if TYPE_CHECKING:
     from droptune.config import TrainConfig
 
-__all__ = ["Member", "population_round", "should_prune"]
+__all__ = ["Member", "population_round"]
 
 log = logging.getLogger(__name__)
 
@@ -72,46 +75,6 @@ class Member:
     linked: dict[str, Any] = field(default_factory=dict)
     #: The member's share of the round's asking (``droptune.timing``'s categories).
     asking: dict[str, float] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def _heartbeats(
-    study: optuna.Study, trial_ids: Callable[[], list[int]], interval: int
-) -> Iterator[None]:
-    """Record a heartbeat for each trial ``trial_ids()`` names now and every ``interval``
-    seconds until exit (the list may grow meanwhile: a round beats for its trials from the
-    moment they are created, while it is still asking)."""
-    storage: Any = study._storage
-    if not _beating(storage):
-        yield
-        return
-    record = storage.record_heartbeat
-    stop = threading.Event()
-
-    batch = getattr(getattr(storage, "_backend", None), "record_heartbeats", None)
-
-    def beat() -> None:
-        if batch is not None:  # one transaction for the whole round
-            with contextlib.suppress(Exception):  # a missed beat is retried next interval
-                batch(trial_ids())
-            return
-        for trial_id in trial_ids():
-            with contextlib.suppress(Exception):
-                record(trial_id)
-
-    beat()
-
-    def loop() -> None:
-        while not stop.wait(interval):
-            beat()
-
-    thread = threading.Thread(target=loop, name="droptune-population-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def population_round(
@@ -149,9 +112,8 @@ def _round(
     check_stop: Callable[[], None],
     clock: dict[str, float],
 ) -> list[int]:
-    params = _ParamBuffer(study._storage)
-    view = copy.copy(study)  # the round's trials suggest through the buffer
-    view._storage = params  # type: ignore[assignment]
+    params = ParamBuffer(storage_of(study))
+    view = with_storage(study, params)  # the round's trials suggest through the buffer
     members: list[Member] = []
     asked: list[optuna.Trial] = []
     spec = objective.spec
@@ -159,18 +121,18 @@ def _round(
     def beating() -> list[int]:
         # the asked trials and those created for the round but not asked yet (they got a first
         # beat when created): asking P trials may take longer than the grace period
-        return [trial._trial_id for trial in asked] + params.unclaimed()
+        return [trial_id_of(trial) for trial in asked] + params.unclaimed()
 
     objective.finished.refresh(study)  # one read for the round's duplicate checks
-    with _heartbeats(study, beating, spec.execution.heartbeat_interval):
+    with round_heartbeats(study, beating, spec.execution.heartbeat_interval):
         try:
-            for slot, trial in zip(slots, _ask(view, len(slots)), strict=True):
+            for slot, trial in zip(slots, ask_many(view, len(slots)), strict=True):
                 asked.append(trial)
                 bind(slot, trial)
                 try:
                     config, _ = objective.config_for(trial)
                 except Exception as exc:  # a config the search produced but droptune refuses
-                    params.flush([trial._trial_id])  # the suggestions that led to it are kept
+                    params.flush([trial_id_of(trial)])  # the suggestions that led to it are kept
                     _fail(objective, trial, exc)
                     continue
                 members.append(Member(slot, trial, config))
@@ -182,8 +144,8 @@ def _round(
         asking = timing.since(clock, share=max(1, len(members)))
         for member in members:
             member.asking = asking
-        training = [member.trial._trial_id for member in members]
-        with _heartbeats(study, lambda: training, spec.execution.heartbeat_interval):
+        training = [trial_id_of(member.trial) for member in members]
+        with round_heartbeats(study, lambda: training, spec.execution.heartbeat_interval):
             for group in _groups(members):
                 _train_group(objective, group, check_stop)
     except BaseException as exc:
@@ -194,163 +156,6 @@ def _round(
         )
         raise
     return [member.trial.number for member in members]
-
-
-class _ParamBuffer:
-    """A study's storage that holds back the params its trials suggest until ``flush``, which
-    writes them for all of a round's trials in one transaction (each suggestion is its own
-    transaction otherwise: three or more per trial). Everything else goes to the real storage;
-    after the flush, params are written at once as usual."""
-
-    def __init__(self, storage: Any) -> None:
-        self._storage = storage
-        self._rows: list[tuple[int, str, float, Any]] = []
-        self._buffering = True
-        self._fresh: dict[int, optuna.trial.FrozenTrial] = {}
-
-    def create_trials(self, study_id: int, count: int) -> list[int]:
-        """``count`` new trials in one transaction; the first ``get_trial`` of each (made
-        by ``optuna.Trial`` when it wraps the id) is answered without a read."""
-        made = create_trials(self._storage, study_id, count)
-        self._fresh.update((t._trial_id, t) for t in made)
-        return [t._trial_id for t in made]
-
-    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
-        fresh = self._fresh.pop(trial_id, None)
-        if fresh is not None:
-            return fresh
-        return self._storage.get_trial(trial_id)
-
-    def unclaimed(self) -> list[int]:
-        """Trials created for the round that no ``optuna.Trial`` has wrapped yet."""
-        return list(self._fresh)
-
-    def set_trial_param(self, trial_id: int, name: str, internal: float, dist: Any) -> None:
-        if not self._buffering:
-            self._storage.set_trial_param(trial_id, name, internal, dist)
-            return
-        self._rows.append((trial_id, name, internal, dist))
-
-    def flush(self, trial_ids: list[int] | None = None) -> None:
-        """Write the held params (only those of ``trial_ids`` if given; else all, and stop
-        holding)."""
-        if trial_ids is None:
-            rows, self._rows, self._buffering = self._rows, [], False
-        else:
-            rows = [row for row in self._rows if row[0] in trial_ids]
-            self._rows = [row for row in self._rows if row[0] not in trial_ids]
-        if rows:
-            set_params_many(self._storage, rows)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._storage, name)
-
-
-class _Snapshot:
-    """A study's storage whose ``get_all_trials`` answers every call from one read.
-
-    Optuna's cached RDB storage re-reads every unfinished trial in full (params, attributes,
-    intermediate values) on each ``get_all_trials``, and a pruner calls it once per decision:
-    P decisions over P running trials are O(P²) row reads per epoch. The pruners see the
-    study's trials as they were when the epoch's decisions began, plus the system attributes
-    the decisions write meanwhile (Successive Halving records each trial's rung there and
-    compares the next trial against it), exactly as in a sequence of ``should_prune`` calls.
-    Everything else goes to the real storage."""
-
-    def __init__(self, storage: Any) -> None:
-        self._storage = storage
-        self._trials: dict[int, optuna.trial.FrozenTrial] | None = None
-
-    def get_all_trials(
-        self, study_id: int, deepcopy: bool = True, states: Any = None
-    ) -> list[optuna.trial.FrozenTrial]:
-        if self._trials is None:
-            read = self._storage.get_all_trials(study_id, deepcopy=False)
-            self._trials = {t._trial_id: t for t in read}  # in trial-number order
-        trials = [t for t in self._trials.values() if states is None or t.state in states]
-        return copy.deepcopy(trials) if deepcopy else trials
-
-    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._storage.set_trial_system_attr(trial_id, key, value)
-        cached = None if self._trials is None else self._trials.get(trial_id)
-        if cached is not None:  # a new copy: the storage's cached trial stays as it was read
-            updated = copy.copy(cached)
-            updated.system_attrs = {**cached.system_attrs, key: value}
-            self._trials[trial_id] = updated  # type: ignore[index]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._storage, name)
-
-
-def should_prune(study: optuna.Study, trials: list[optuna.Trial]) -> list[bool]:
-    """``trial.should_prune()`` for each of ``trials`` (running trials of ``study``, which
-    reported their latest values already), with one read of the study's trials for all the
-    decisions instead of one per decision."""
-    if not trials:
-        return []
-    view = copy.copy(study)
-    view._storage = _Snapshot(study._storage)  # type: ignore[assignment]
-    decisions = []
-    for trial in trials:
-        latest = trial._get_latest_trial()  # what ``Trial.should_prune`` hands the pruner
-        decisions.append(bool(study.pruner.prune(view, latest)))
-    return decisions
-
-
-def _ask(study: optuna.Study, count: int) -> Iterator[optuna.Trial]:
-    """``study.ask()`` ``count`` times, looking for waiting trials (enqueued, or re-queued
-    after a worker died) only until none is left.
-
-    Each of Optuna's ``ask`` calls re-reads every unfinished trial of the study to find waiting
-    ones; inside a round, that is the round's own running trials, so P asks cost O(P²) reads.
-    A trial made waiting by another worker meanwhile is picked up by the next round."""
-    pop = getattr(study, "_pop_waiting_trial_id", None)
-    local = getattr(study, "_thread_local", None)
-    if pop is None or local is None:  # an Optuna without these internals: plain ``ask``
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Heartbeat of storage.*")
-            for _ in range(count):
-                yield study.ask()
-        return
-    buffer = study._storage if isinstance(study._storage, _ParamBuffer) else None
-    fresh: Iterator[int] = iter(())
-    waiting = True
-    for left in range(count, 0, -1):
-        local.cached_all_trials = None  # as ``ask`` does: samplers see the latest trials
-        trial_id = pop() if waiting else None
-        if trial_id is not None:
-            _first_beat(study, trial_id)
-        else:
-            if waiting and buffer is not None:  # the rest of the round in one transaction
-                fresh = iter(buffer.create_trials(study._study_id, left))
-            waiting = False
-            trial_id = next(fresh, None)
-            if trial_id is None:
-                trial_id = study._storage.create_new_trial(study._study_id)
-                _first_beat(study, trial_id)
-        yield optuna.Trial(study, trial_id)
-
-
-def _first_beat(study: optuna.Study, trial_id: int) -> None:
-    """A heartbeat for a waiting trial the round just took (made RUNNING): until the round's
-    heartbeat thread starts, a worker killed meanwhile must leave a trial that goes stale.
-    (Trials the round creates get theirs in the creating transaction.)"""
-    storage: Any = study._storage
-    if not _beating(storage):
-        return
-    with contextlib.suppress(Exception):  # the round's thread beats again shortly
-        storage.record_heartbeat(trial_id)
-
-
-def _beating(storage: Any) -> bool:
-    """Whether ``storage`` records heartbeats (not every storage can; an RDB storage only
-    with a heartbeat interval)."""
-    interval_of = getattr(storage, "get_heartbeat_interval", None)
-    return (
-        hasattr(storage, "record_heartbeat")
-        and interval_of is not None
-        and interval_of() is not None
-    )
 
 
 def _groups(members: list[Member]) -> list[list[Member]]:
@@ -418,7 +223,7 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
             if value is not None and math.isfinite(value):
                 reported[index] = group[index].trial
         report_values([(trial, rows[i][metrics[0]], epoch) for i, trial in reported.items()])
-        decisions = should_prune(group[0].trial.study, list(reported.values()))
+        decisions = should_prune_many(group[0].trial.study, list(reported.values()))
         return [
             index
             for index, prune_it in zip(reported, decisions, strict=True)
@@ -568,7 +373,7 @@ def _write_run(
         return
     import datetime
 
-    frozen = copy.deepcopy(trial._cached_frozen_trial)
+    frozen = copy.deepcopy(cached_trial(trial))
     frozen.state, frozen.values = state, values
     frozen.datetime_complete = datetime.datetime.now()
     study, data = trial.study, config.to_dict()
@@ -607,8 +412,8 @@ def _abandon(
     reason = _failure(exc)["droptune.fail_reason"]
     for trial_id in unclaimed:
         with contextlib.suppress(Exception):
-            study._storage.set_trial_user_attr(trial_id, "droptune.fail_reason", reason)
-            study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            storage_of(study).set_trial_user_attr(trial_id, "droptune.fail_reason", reason)
+            storage_of(study).set_trial_state_values(trial_id, TrialState.FAIL)
 
 
 def _fail(objective: Objective, trial: optuna.Trial, exc: BaseException) -> None:

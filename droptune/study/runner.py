@@ -25,8 +25,11 @@ import optuna
 
 from droptune.exceptions import SpecError
 from droptune.storage import default_url
+from droptune.storage import fail_stale_trials
 from droptune.storage import mask_url
 from droptune.storage import open_storage
+from droptune.storage import storage_of
+from droptune.storage import trial_id_of
 from droptune.storage import trial_states
 from droptune.study.factories import make_pruner
 from droptune.study.factories import make_sampler
@@ -312,16 +315,16 @@ def reap_trials(
     from optuna.trial import TrialState
 
     failed = 0
-    storage = study._storage
+    storage = storage_of(study)
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     if owner_prefix is not None:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if str(trial.user_attrs.get("droptune.worker", "")).startswith(owner_prefix):
-                storage.set_trial_user_attr(trial._trial_id, "droptune.fail_reason", reason)
-                if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                storage.set_trial_user_attr(trial_id_of(trial), "droptune.fail_reason", reason)
+                if storage.set_trial_state_values(trial_id_of(trial), TrialState.FAIL):
                     failed += 1
     try:
-        optuna.storages.fail_stale_trials(study)  # returns None: count what it failed
+        fail_stale_trials(study)  # returns None: count what it failed
     except Exception as exc:  # storages without heartbeat support
         log.debug("fail_stale_trials: %s", exc)
         return failed

@@ -28,6 +28,7 @@ import uuid
 import optuna
 import pytorch_lightning as pl
 
+from droptune.storage import fail_stale_trials
 from droptune.storage import open_storage
 from droptune.storage import trial_states
 from droptune.study.factories import make_pruner
@@ -236,7 +237,7 @@ def run_worker(
                     break
                 # Other workers hold the remaining slots: reap stale trials and wait, so that a
                 # slot freed by a failure is run here if its worker is gone.
-                optuna.storages.fail_stale_trials(study)
+                fail_stale_trials(study)
                 if tracking is not None and time.monotonic() - swept_at > SWEEP_EVERY_S:
                     swept_at = time.monotonic()
                     _close_runs(tracking, study)  # runs of trials failed on a dead worker's behalf
@@ -376,9 +377,12 @@ def _user_attrs(study: optuna.Study, number: int | None) -> dict[str, Any]:
     the worker's messages and its duplicate count)."""
     if number is None:
         return {}
-    storage = study._storage
+    from droptune.storage import storage_of
+    from droptune.storage import study_id_of
+
+    storage = storage_of(study)
     try:
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id_of(study), number)
         return dict(storage.get_trial(trial_id).user_attrs)
     except Exception:
         return {}

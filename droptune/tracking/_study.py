@@ -20,10 +20,13 @@ import sqlalchemy as sa
 
 from droptune.exceptions import TrackingError
 from droptune.storage import MASK
+from droptune.storage import cached_trial
 from droptune.storage import create_tables
 from droptune.storage import engine_kwargs
 from droptune.storage import mask_url
 from droptune.storage import set_user_attrs
+from droptune.storage import storage_of
+from droptune.storage import trial_id_of
 from droptune.timing import timed
 from droptune.tracking._client import ERROR_ATTR
 from droptune.tracking._client import PARENT_ATTR
@@ -381,11 +384,12 @@ class StudyTracking:
             study = trial.study
             # the trial's own up-to-date copy (Optuna keeps it current on every write through
             # the trial), else the stored one
-            cached = getattr(trial, "_cached_frozen_trial", None)
+            from optuna import Trial
+
             frozen = (
-                copy.deepcopy(cached)
-                if cached is not None
-                else study._storage.get_trial(trial._trial_id)
+                copy.deepcopy(cached_trial(trial))
+                if isinstance(trial, Trial)
+                else storage_of(study).get_trial(trial_id_of(trial))
             )
             frozen.state = TrialState[state]
             if state == "COMPLETE" and values is not None:
@@ -637,7 +641,7 @@ class StudyTracking:
         from optuna.exceptions import UpdateFinishedTrialError
 
         try:
-            study._storage.set_trial_user_attr(frozen._trial_id, RUN_ID_ATTR, run_id)
+            storage_of(study).set_trial_user_attr(trial_id_of(frozen), RUN_ID_ATTR, run_id)
         except UpdateFinishedTrialError:
             _meta_set(self.storage_url, self.study_name, f"run_id:{frozen.number}", run_id)
 
@@ -691,7 +695,7 @@ class _TrialAttrs:
         from optuna.exceptions import UpdateFinishedTrialError
 
         try:
-            self.study._storage.set_trial_user_attr(self.frozen._trial_id, key, value)
+            storage_of(self.study).set_trial_user_attr(trial_id_of(self.frozen), key, value)
         except UpdateFinishedTrialError:
             _meta_set(
                 self.tracking.storage_url,

@@ -4,7 +4,6 @@ taken first, and a round broken off while asking or while training leaves no tri
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 import time
 from typing import Any
@@ -12,10 +11,12 @@ from typing import Any
 import optuna
 import pytest
 
+from droptune.storage import ParamBuffer
+from droptune.storage import ask_many
 from droptune.storage import open_storage
+from droptune.storage import storage_of
+from droptune.storage import with_storage
 from droptune.study.objective import Objective
-from droptune.study.population import _ask
-from droptune.study.population import _ParamBuffer
 from droptune.study.population import population_round
 from droptune.study.spec import spec_from_dict
 from droptune.timing import CATEGORIES
@@ -176,9 +177,8 @@ def test_trials_a_killed_round_had_asked_go_stale_without_its_heartbeat_thread(
         sampler=optuna.samplers.RandomSampler(seed=0),
     )
     study.enqueue_trial({"x": 0.5})
-    view = copy.copy(study)
-    view._storage = _ParamBuffer(study._storage)  # type: ignore[assignment]
-    asked = list(_ask(view, 3))  # then the worker dies: no heartbeat thread, no tell
+    view = with_storage(study, ParamBuffer(storage_of(study)))
+    asked = list(ask_many(view, 3))  # then the worker dies: no heartbeat thread, no tell
     assert [t.number for t in asked] == [0, 1, 2]
     time.sleep(3.5)
     optuna.storages.fail_stale_trials(study)

@@ -22,8 +22,8 @@ from droptune.storage import report_values
 from droptune.storage import set_params_many
 from droptune.storage import set_user_attrs
 from droptune.storage import set_user_attrs_many
+from droptune.storage import should_prune_many as should_prune
 from droptune.storage import tell_trials
-from droptune.study.population import should_prune
 
 
 ATTRS = {
