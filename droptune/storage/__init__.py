@@ -12,6 +12,8 @@ Modules, from the bottom up:
 * ``_rdb``: :class:`DroptuneStorage`, the ``RDBStorage`` subclass every droptune study uses.
 * ``_trials``: batched trial writes and narrow reads through a study.
 * ``_rounds``: the buffered views of the storage a population round asks and prunes through.
+* ``_meta``: droptune's own key-value table next to Optuna's (budget, MLflow parent run),
+  with one engine per storage URL.
 
 Importing this package does not import Optuna (commands that only check a spec or a URL stay
 fast); the names that need it are imported on first use.
@@ -42,6 +44,11 @@ from droptune.storage._urls import mask_url
 
 
 if TYPE_CHECKING:
+    from droptune.storage._meta import claim_once
+    from droptune.storage._meta import meta_delete
+    from droptune.storage._meta import meta_get
+    from droptune.storage._meta import meta_raise
+    from droptune.storage._meta import meta_set
     from droptune.storage._optuna import SUPPORTED
     from droptune.storage._optuna import UnsupportedOptuna
     from droptune.storage._optuna import cached_trial
@@ -82,6 +89,10 @@ else:
             ),
             "DroptuneStorage": "droptune.storage._rdb",
             **dict.fromkeys(
+                ("claim_once", "meta_delete", "meta_get", "meta_raise", "meta_set"),
+                "droptune.storage._meta",
+            ),
+            **dict.fromkeys(
                 ("ParamBuffer", "ask_many", "round_heartbeats", "should_prune_many"),
                 "droptune.storage._rounds",
             ),
@@ -117,6 +128,7 @@ __all__ = [
     "cached_trial",
     "check_study_name",
     "check_url",
+    "claim_once",
     "create_tables",
     "create_trials",
     "creation_race",
@@ -128,6 +140,10 @@ __all__ = [
     "is_outage",
     "mask_text",
     "mask_url",
+    "meta_delete",
+    "meta_get",
+    "meta_raise",
+    "meta_set",
     "open_storage",
     "prepare_sqlite",
     "report_values",

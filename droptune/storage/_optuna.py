@@ -22,7 +22,7 @@ from droptune.exceptions import DroptuneError
 
 #: The Optuna releases droptune is tested with: ``[low, high)``. Keep in step with
 #: ``pyproject.toml`` (``tests/storage/test_optuna_contract.py`` checks both).
-SUPPORTED = ("4.2", "5.2")
+SUPPORTED = ("5.0", "5.2")
 
 
 class UnsupportedOptuna(DroptuneError, ImportError):

@@ -24,9 +24,12 @@ import uuid
 import optuna
 
 from droptune.exceptions import SpecError
+from droptune.storage import claim_once
 from droptune.storage import default_url
 from droptune.storage import fail_stale_trials
 from droptune.storage import mask_url
+from droptune.storage import meta_get
+from droptune.storage import meta_raise
 from droptune.storage import open_storage
 from droptune.storage import storage_of
 from droptune.storage import trial_id_of
@@ -39,9 +42,6 @@ from droptune.study.space import baseline_gaps
 from droptune.study.space import baseline_params
 from droptune.study.spec import StudySpec
 from droptune.tracking import StudyTracking
-from droptune.tracking._study import _claim_once
-from droptune.tracking._study import _meta_get
-from droptune.tracking._study import _meta_raise
 
 
 __all__ = [
@@ -155,7 +155,7 @@ def create_study(
     slots = Slots(storage_url, study_name)
     try:
         budget = int(
-            _claim_once(
+            claim_once(
                 storage_url,
                 study_name,
                 BUDGET_KEY,
@@ -169,7 +169,7 @@ def create_study(
                     f"grow, not shrink (got {asked})"
                 )
             log.info("study %s: budget raised from %d to %d trials", study_name, budget, asked)
-            budget = _meta_raise(storage_url, study_name, BUDGET_KEY, asked)
+            budget = meta_raise(storage_url, study_name, BUDGET_KEY, asked)
         elif asked != budget:
             log.warning(
                 "study %s has a budget of %d trials (recorded when it was created or raised "
@@ -214,7 +214,7 @@ def _first_budget(study: optuna.Study, spec: StudySpec, slots: Slots, n_trials: 
 
 def study_budget(storage_url: str, study_name: str) -> int | None:
     """The trial budget recorded with the study (None for a study droptune did not create)."""
-    value = _meta_get(storage_url, study_name, BUDGET_KEY)
+    value = meta_get(storage_url, study_name, BUDGET_KEY)
     return None if value is None else int(value)
 
 

@@ -16,14 +16,14 @@ import time
 from typing import TYPE_CHECKING
 from typing import Any
 
-import sqlalchemy as sa
-
 from droptune.exceptions import TrackingError
 from droptune.storage import MASK
 from droptune.storage import cached_trial
-from droptune.storage import create_tables
-from droptune.storage import engine_kwargs
+from droptune.storage import claim_once
 from droptune.storage import mask_url
+from droptune.storage import meta_delete
+from droptune.storage import meta_get
+from droptune.storage import meta_set
 from droptune.storage import set_user_attrs
 from droptune.storage import storage_of
 from droptune.storage import trial_id_of
@@ -57,15 +57,6 @@ URI_ATTR = "droptune.mlflow_tracking_uri"
 #: Seconds the trial spent on MLflow calls (start + finish), for the overhead figures.
 SECONDS_ATTR = "droptune.tracking_seconds"
 
-_metadata = sa.MetaData()
-_meta = sa.Table(
-    "droptune_meta",
-    _metadata,
-    sa.Column("study_name", sa.String(512), primary_key=True),
-    sa.Column("key", sa.String(128), primary_key=True),
-    sa.Column("value", sa.String(2048), nullable=True),
-)
-
 
 def tracking_uri(spec: StudySpec, study_name: str) -> str:
     """Spec ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the study's local SQLite."""
@@ -74,108 +65,6 @@ def tracking_uri(spec: StudySpec, study_name: str) -> str:
         or os.environ.get("MLFLOW_TRACKING_URI")
         or default_tracking_uri(study_name)
     )
-
-
-def _claim_once(
-    storage_url: str, study_name: str, key: str, create: Any, timeout: float = 60.0
-) -> str:
-    """Run ``create()`` in exactly one process per (study, key) and return its value."""
-    engine = sa.create_engine(storage_url, **engine_kwargs(storage_url))
-    try:
-        create_tables(_metadata, engine)
-        where = (_meta.c.study_name == study_name) & (_meta.c.key == key)
-        try:
-            with engine.begin() as conn:
-                conn.execute(_meta.insert().values(study_name=study_name, key=key, value=None))
-            won = True
-        except sa.exc.IntegrityError:
-            won = False
-        if won:
-            try:
-                value = str(create())
-            except BaseException:
-                with engine.begin() as conn:  # let another process try again
-                    conn.execute(_meta.delete().where(where & _meta.c.value.is_(None)))
-                raise
-            with engine.begin() as conn:
-                written = conn.execute(
-                    _meta.update().where(where & _meta.c.value.is_(None)).values(value=value)
-                ).rowcount
-            if written != 1:  # taken over meanwhile (this process was too slow): theirs counts
-                with engine.begin() as conn:
-                    row = conn.execute(sa.select(_meta.c.value).where(where)).first()
-                if row is not None and row.value is not None:
-                    return str(row.value)
-            return value
-        deadline = time.time() + timeout
-        while True:
-            with engine.begin() as conn:
-                row = conn.execute(sa.select(_meta.c.value).where(where)).first()
-            if row is None:  # the winner failed and withdrew: take over
-                return _claim_once(storage_url, study_name, key, create, timeout)
-            if row.value is not None:
-                return str(row.value)
-            if time.time() > deadline:
-                # The process that claimed it died between its claim and its value (kill -9):
-                # withdraw its claim for it and take over (it would otherwise block every
-                # later start of the study).
-                log.warning(
-                    "study %s: %s was claimed %.0f s ago and never written; taking over",
-                    study_name,
-                    key,
-                    timeout,
-                )
-                with engine.begin() as conn:
-                    conn.execute(_meta.delete().where(where & _meta.c.value.is_(None)))
-                return _claim_once(storage_url, study_name, key, create, timeout)
-            time.sleep(0.2)
-    finally:
-        engine.dispose()
-
-
-def _meta_get(storage_url: str, study_name: str, key: str) -> str | None:
-    engine = sa.create_engine(storage_url, **engine_kwargs(storage_url))
-    try:
-        create_tables(_metadata, engine)
-        with engine.begin() as conn:
-            row = conn.execute(
-                sa.select(_meta.c.value).where(
-                    (_meta.c.study_name == study_name) & (_meta.c.key == key)
-                )
-            ).first()
-        return None if row is None else row.value
-    finally:
-        engine.dispose()
-
-
-def _meta_raise(storage_url: str, study_name: str, key: str, value: int) -> int:
-    """Raise the integer under ``key`` to ``value`` if it is lower, in one statement (two
-    processes raising at once never lower it); returns the value now stored."""
-    engine = sa.create_engine(storage_url, **engine_kwargs(storage_url))
-    try:
-        where = (_meta.c.study_name == study_name) & (_meta.c.key == key)
-        with engine.begin() as conn:
-            conn.execute(
-                _meta.update()
-                .where(where & (sa.cast(_meta.c.value, sa.Integer) < value))
-                .values(value=str(value))
-            )
-            row = conn.execute(sa.select(_meta.c.value).where(where)).first()
-        return int(row.value) if row is not None and row.value is not None else value
-    finally:
-        engine.dispose()
-
-
-def _meta_set(storage_url: str, study_name: str, key: str, value: str) -> None:
-    engine = sa.create_engine(storage_url, **engine_kwargs(storage_url))
-    try:
-        create_tables(_metadata, engine)
-        where = (_meta.c.study_name == study_name) & (_meta.c.key == key)
-        with engine.begin() as conn:
-            if conn.execute(_meta.update().where(where).values(value=value)).rowcount == 0:
-                conn.execute(_meta.insert().values(study_name=study_name, key=key, value=value))
-    finally:
-        engine.dispose()
 
 
 class StudyTracking:
@@ -252,7 +141,7 @@ class StudyTracking:
                     "droptune.storage": mask_url(self.storage_url),
                     "optuna.directions": ",".join(d.name.lower() for d in study.directions),
                 }
-                self._parent = _claim_once(
+                self._parent = claim_once(
                     self.storage_url,
                     self.study_name,
                     "mlflow_parent_run_id",
@@ -633,7 +522,7 @@ class StudyTracking:
         own = frozen.user_attrs.get(RUN_ID_ATTR)
         if own:
             return str(own)
-        return _meta_get(self.storage_url, self.study_name, f"run_id:{frozen.number}")
+        return meta_get(self.storage_url, self.study_name, f"run_id:{frozen.number}")
 
     def link(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial, run_id: str) -> None:
         """Record trial → run. Optuna refuses attributes on finished trials, so a run created
@@ -643,22 +532,11 @@ class StudyTracking:
         try:
             storage_of(study).set_trial_user_attr(trial_id_of(frozen), RUN_ID_ATTR, run_id)
         except UpdateFinishedTrialError:
-            _meta_set(self.storage_url, self.study_name, f"run_id:{frozen.number}", run_id)
+            meta_set(self.storage_url, self.study_name, f"run_id:{frozen.number}", run_id)
 
     def forget_parent(self, study: optuna.Study) -> None:
         """Drop the recorded parent run (it does not exist on this tracking server)."""
-        engine = sa.create_engine(self.storage_url, **engine_kwargs(self.storage_url))
-        try:
-            create_tables(_metadata, engine)
-            with engine.begin() as conn:
-                conn.execute(
-                    _meta.delete().where(
-                        (_meta.c.study_name == self.study_name)
-                        & (_meta.c.key == "mlflow_parent_run_id")
-                    )
-                )
-        finally:
-            engine.dispose()
+        meta_delete(self.storage_url, self.study_name, "mlflow_parent_run_id")
         study.set_user_attr(PARENT_ATTR, "")
         self._parent = None
 
@@ -697,7 +575,7 @@ class _TrialAttrs:
         try:
             storage_of(self.study).set_trial_user_attr(trial_id_of(self.frozen), key, value)
         except UpdateFinishedTrialError:
-            _meta_set(
+            meta_set(
                 self.tracking.storage_url,
                 self.tracking.study_name,
                 f"{key}:{self.number}",
