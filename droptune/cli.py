@@ -19,6 +19,7 @@ from typing import Any
 import typer
 
 from droptune.exceptions import DroptuneError
+from droptune.records import SPEC_ATTR
 
 
 __all__ = ["app", "main"]
@@ -477,7 +478,7 @@ def _close_reaped_runs(study: Any, url: str) -> None:
     effort: ``status`` reports on the study even when MLflow is down."""
     from droptune.tracking import StudyTracking
 
-    recorded = study.user_attrs.get("droptune.spec") or {}
+    recorded = study.user_attrs.get(SPEC_ATTR) or {}
     if not (recorded.get("tracking") or {}).get("enabled", True):
         return
     try:
@@ -564,7 +565,7 @@ def confirm(
     url = _study_storage(storage, study)
     opened = load_study(study, url)
     tracking = None
-    recorded = opened.user_attrs.get("droptune.spec") or {}
+    recorded = opened.user_attrs.get(SPEC_ATTR) or {}
     if tracking_uri or (recorded.get("tracking") or {}).get("enabled", True):
         from droptune.tracking import StudyTracking
 

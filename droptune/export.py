@@ -13,11 +13,12 @@ from droptune.config import TrainConfig
 from droptune.config import load_config
 from droptune.exceptions import ConfigError
 from droptune.exceptions import StorageError
+from droptune.records import OVERRIDES_ATTR
+from droptune.records import SEED_ATTR
+from droptune.records import SPEC_ATTR
 
 
 __all__ = ["best_trial", "load_best", "load_config", "load_study", "trial_config"]
-
-SPEC_ATTR = "droptune.spec"
 
 
 def load_study(study_name: str, storage: str) -> Any:
@@ -49,11 +50,11 @@ def trial_config(study: Any, trial: Any) -> TrainConfig:
         )
     base = spec_from_dict(raw, recorded=True).base
     overrides: dict[str, Any] = dict(trial.params)
-    seed = trial.user_attrs.get("droptune.seed")
+    seed = trial.user_attrs.get(SEED_ATTR)
     if seed is not None:
         overrides["train.seed"] = int(seed)
     # What the trial changed itself, e.g. a halved batch size after running out of memory.
-    overrides.update(trial.user_attrs.get("droptune.overrides") or {})
+    overrides.update(trial.user_attrs.get(OVERRIDES_ATTR) or {})
     return base.with_overrides(overrides)
 
 

@@ -25,6 +25,8 @@ import threading
 import time
 from typing import Any
 
+from droptune.records import TIMING_ATTR
+
 
 __all__ = [
     "CATEGORIES",
@@ -41,7 +43,6 @@ __all__ = [
 #: The categories, in report order.
 CATEGORIES = ("setup", "train", "storage", "tracking", "other")
 #: The trial user attribute holding ``{category: seconds, ..., "total": seconds}``.
-TIMING_ATTR = "droptune.timing"
 
 _LABELS = {"tracking": "MLflow"}
 

@@ -27,6 +27,12 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from droptune.exceptions import SpecError
+from droptune.records import CONFIRMATION_ATTR
+from droptune.records import CONFIRMATION_OF_TAG
+from droptune.records import CONFIRMED_BEST_TAG
+from droptune.records import ROLE_TAG
+from droptune.records import SEED_ATTR
+from droptune.records import SPEC_ATTR
 
 
 if TYPE_CHECKING:
@@ -40,7 +46,6 @@ __all__ = ["CONFIRMATION_ATTR", "Candidate", "Confirmation", "confirm_study", "c
 log = logging.getLogger(__name__)
 
 #: Study user attribute holding the last confirmation (:meth:`Confirmation.to_dict`).
-CONFIRMATION_ATTR = "droptune.confirmation"
 #: The most re-trainings trained as one population (memory grows with it).
 MAX_POPULATION = 64
 #: Confirmation seeds are trial seeds of numbers no trial can have (studies stop at 1e6 trials).
@@ -178,9 +183,7 @@ def confirm_study(
             f"study {study.study_name!r} has {len(study.directions)} objectives; confirmation "
             "ranks configs by one objective"
         )
-    spec = spec_from_dict(
-        study.user_attrs["droptune.spec"], source=study.study_name, recorded=True
-    )
+    spec = spec_from_dict(study.user_attrs[SPEC_ATTR], source=study.study_name, recorded=True)
     from droptune.study.spec import _check_user_code
 
     _check_user_code(spec)  # from the installed environment or the spec's recorded code_dir
@@ -296,9 +299,9 @@ def _log_run(
             parent,
             f"confirm-trial-{candidate.trial}-seed-{seed}",
             {
-                "droptune.role": "confirmation",
-                "droptune.confirmation_of": str(candidate.trial),
-                "droptune.seed": str(seed),
+                ROLE_TAG: "confirmation",
+                CONFIRMATION_OF_TAG: str(candidate.trial),
+                SEED_ATTR: str(seed),
             },
         )
         value = candidate.values[-1]
@@ -319,7 +322,7 @@ def _log_best(tracking: StudyTracking, parent: str, result: Confirmation) -> Non
     try:
         client = tracking.tracker.client
         best = result.best
-        client.set_tag(parent, "droptune.confirmed_best_trial", str(best.trial))
+        client.set_tag(parent, CONFIRMED_BEST_TAG, str(best.trial))
         client.log_metric(parent, "confirmed_best_mean", best.mean)
         if not math.isnan(best.ci95):
             client.log_metric(parent, "confirmed_best_ci95", best.ci95)

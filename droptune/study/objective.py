@@ -16,11 +16,23 @@ import pytorch_lightning as pl
 import torch
 
 from droptune import timing
+from droptune.records import BASELINE_ATTR
+from droptune.records import DEVICE_ATTR
+from droptune.records import DUPLICATE_ATTR
+from droptune.records import EPOCHS_ATTR
+from droptune.records import FAIL_REASON_ATTR
+from droptune.records import HOST_ATTR
+from droptune.records import OOM_ATTR
+from droptune.records import OVERRIDES_ATTR
+from droptune.records import PRUNED_AT_EPOCH_ATTR
+from droptune.records import RSS_ATTR
+from droptune.records import SEED_ATTR
+from droptune.records import STOPPED_EARLY_ATTR
+from droptune.records import WORKER_ATTR
+from droptune.records import failure_attrs
 from droptune.storage import is_enqueued
 from droptune.storage import set_user_attrs
-from droptune.study.sampling import DUPLICATE_ATTR
 from droptune.study.sampling import FinishedConfigs
-from droptune.study.space import BASELINE_ATTR
 from droptune.study.space import suggest
 
 
@@ -93,18 +105,17 @@ class PruningCallback(pl.Callback):
         epoch = trainer.current_epoch
         self.trial.report(number, step=epoch)
         if not self.exempt and self.trial.should_prune():
-            self.trial.set_user_attr("droptune.pruned_at_epoch", epoch)
+            self.trial.set_user_attr(PRUNED_AT_EPOCH_ATTR, epoch)
             raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.monitor}={number:.6g})")
 
 
 #: The worker's resident memory (MiB) when the trial ended.
-RSS_ATTR = "droptune.rss_mb"
 
 
 def result_attrs(epochs: int, stopped_early: bool, final: dict[str, float]) -> dict[str, Any]:
     """A finished fit's user attributes: epochs trained, whether early stopping ended it, and
     ``metric.<name>`` for each finite final metric."""
-    attrs: dict[str, Any] = {"droptune.epochs": epochs, "droptune.stopped_early": stopped_early}
+    attrs: dict[str, Any] = {EPOCHS_ATTR: epochs, STOPPED_EARLY_ATTR: stopped_early}
     attrs.update({f"metric.{k}": v for k, v in final.items() if math.isfinite(v)})
     return attrs
 
@@ -277,15 +288,12 @@ class Objective:
             raise
         except DuplicateConfig as exc:
             # Not a failure of the config: nothing trained, no traceback, no MLflow run.
-            trial.set_user_attr("droptune.fail_reason", f"DuplicateConfig: {exc}"[:1000])
+            trial.set_user_attr(FAIL_REASON_ATTR, f"DuplicateConfig: {exc}"[:1000])
             state = "DUPLICATE"
             raise
         except BaseException as exc:
             # Kept on the trial so that `droptune status` and MLflow can say what happened.
-            import traceback
-
-            trial.set_user_attr("droptune.fail_reason", f"{type(exc).__name__}: {exc}"[:1000])
-            trial.set_user_attr("droptune.traceback", traceback.format_exc()[-4000:])
+            set_user_attrs(trial, failure_attrs(exc))
             raise
         finally:
             self._record(trial, state, values)
@@ -334,7 +342,7 @@ class Objective:
     def end_attrs(history: list[dict[str, float]]) -> dict[str, Any]:
         """What every ended trial records besides its results: the per-epoch history and the
         worker's memory (leaks show up there)."""
-        from droptune.tracking._study import HISTORY_ATTR
+        from droptune.records import HISTORY_ATTR
 
         record: dict[str, Any] = {
             HISTORY_ATTR: [{k: round(v, 7) for k, v in row.items()} for row in history]
@@ -347,10 +355,10 @@ class Objective:
     def start_attrs(self, cfg: TrainConfig) -> dict[str, Any]:
         """Seed, worker, host and device: what a trial records when it starts."""
         return {
-            "droptune.seed": cfg.train.seed,
-            "droptune.worker": self.worker,
-            "droptune.host": socket.gethostname(),
-            "droptune.device": os.environ.get("CUDA_VISIBLE_DEVICES", "cpu")
+            SEED_ATTR: cfg.train.seed,
+            WORKER_ATTR: self.worker,
+            HOST_ATTR: socket.gethostname(),
+            DEVICE_ATTR: os.environ.get("CUDA_VISIBLE_DEVICES", "cpu")
             if cfg.train.accelerator != "cpu"
             else "cpu",
         }
@@ -400,8 +408,8 @@ class Objective:
             raise TrialFailed(reason)
         smaller = batch_size // 2
         log.warning("trial %d: %s; retrying once at batch size %d", trial.number, reason, smaller)
-        trial.set_user_attr("droptune.oom", reason)
-        trial.set_user_attr("droptune.overrides", {"data.batch_size": smaller})
+        trial.set_user_attr(OOM_ATTR, reason)
+        trial.set_user_attr(OVERRIDES_ATTR, {"data.batch_size": smaller})
         cfg = cfg.with_overrides({"data.batch_size": smaller})
         self._config = cfg
         self._history.rows.clear()

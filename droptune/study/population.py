@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from dataclasses import field
 import logging
 import math
-import traceback
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -34,6 +33,11 @@ import optuna
 from optuna.trial import TrialState
 
 from droptune import timing
+from droptune.records import BASELINE_ATTR
+from droptune.records import FAIL_REASON_ATTR
+from droptune.records import POPULATION_ATTR
+from droptune.records import PRUNED_AT_EPOCH_ATTR
+from droptune.records import failure_attrs
 from droptune.storage import ParamBuffer
 from droptune.storage import ask_many
 from droptune.storage import cached_trial
@@ -52,7 +56,6 @@ from droptune.study.objective import DuplicateConfig
 from droptune.study.objective import Objective
 from droptune.study.objective import TrialFailed
 from droptune.study.objective import result_attrs
-from droptune.study.space import BASELINE_ATTR
 
 
 if TYPE_CHECKING:
@@ -264,7 +267,7 @@ def _start(objective: Objective, group: list[Member]) -> None:
 
 def _linked(objective: Objective, member: Member) -> dict[str, Any]:
     """The member's run link and the seconds its tracking took (call after a drain)."""
-    from droptune.tracking._study import SECONDS_ATTR
+    from droptune.records import SECONDS_ATTR
 
     if objective.tracking is None:
         return {}
@@ -292,13 +295,13 @@ def _end(
         if "val_loss" in final and "train_loss" in final:
             final[GAP_METRIC] = final["val_loss"] - final["train_loss"]
         attrs = result_attrs(result.epochs, result.stopped_early, final)
-        attrs["droptune.population"] = len(group)
+        attrs[POPULATION_ATTR] = len(group)
         attrs.update(objective.end_attrs(history))
         attrs.update(_linked(objective, member))
         attrs[timing.TIMING_ATTR] = timing.add(member.asking, share)
         records.append((trial, attrs))
         if result.pruned:
-            attrs["droptune.pruned_at_epoch"] = result.epochs - 1
+            attrs[PRUNED_AT_EPOCH_ATTR] = result.epochs - 1
             outcomes.append((trial, TrialState.PRUNED, None))
             continue
         try:
@@ -311,7 +314,7 @@ def _end(
             else:
                 values = [Objective._final(m, final) for m in metrics]
         except TrialFailed as exc:
-            attrs.update(_failure(exc))
+            attrs.update(failure_attrs(exc))
             outcomes.append((trial, TrialState.FAIL, None))
             continue
         outcomes.append((trial, TrialState.COMPLETE, values))
@@ -319,14 +322,6 @@ def _end(
     told = tell_trials(group[0].trial.study, outcomes)
     for member, outcome, recorded in zip(group, outcomes, told, strict=True):
         _write_run(objective, member.trial, member.config, outcome[1], recorded)
-
-
-def _failure(exc: BaseException) -> dict[str, Any]:
-    """Why a trial failed, as it records it."""
-    return {
-        "droptune.fail_reason": f"{type(exc).__name__}: {exc}"[:1000],
-        "droptune.traceback": "".join(traceback.format_exception(exc))[-4000:],
-    }
 
 
 def _fail_members(objective: Objective, members: list[Member], exc: BaseException) -> None:
@@ -340,7 +335,7 @@ def _fail_members(objective: Objective, members: list[Member], exc: BaseExceptio
         with contextlib.suppress(Exception):
             writer.drain()  # the runs started for the round exist and get linked below
     records = [
-        (m.trial, {**_failure(exc), **objective.end_attrs([]), **_linked(objective, m)})
+        (m.trial, {**failure_attrs(exc), **objective.end_attrs([]), **_linked(objective, m)})
         for m in members
     ]
     study = members[0].trial.study
@@ -409,17 +404,17 @@ def _abandon(
         if states.get(trial.number) == "RUNNING":
             with contextlib.suppress(Exception):
                 _fail(objective, trial, exc)
-    reason = _failure(exc)["droptune.fail_reason"]
+    reason = failure_attrs(exc)[FAIL_REASON_ATTR]
     for trial_id in unclaimed:
         with contextlib.suppress(Exception):
-            storage_of(study).set_trial_user_attr(trial_id, "droptune.fail_reason", reason)
+            storage_of(study).set_trial_user_attr(trial_id, FAIL_REASON_ATTR, reason)
             storage_of(study).set_trial_state_values(trial_id, TrialState.FAIL)
 
 
 def _fail(objective: Objective, trial: optuna.Trial, exc: BaseException) -> None:
     """Record why the trial failed, end its run, tell FAIL (a trial that never trained)."""
     with contextlib.suppress(Exception):
-        set_user_attrs(trial, _failure(exc))
+        set_user_attrs(trial, failure_attrs(exc))
     if not isinstance(exc, DuplicateConfig):  # a duplicate trained nothing: no MLflow run
         objective.record_end(trial, "FAIL", None, [], None)
     with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):

@@ -24,6 +24,12 @@ import uuid
 import optuna
 
 from droptune.exceptions import SpecError
+from droptune.records import BASELINE_ATTR
+from droptune.records import FAIL_REASON_ATTR
+from droptune.records import METRIC_ATTR
+from droptune.records import SPEC_ATTR
+from droptune.records import VERSION_ATTR
+from droptune.records import WORKER_ATTR
 from droptune.storage import claim_once
 from droptune.storage import default_url
 from droptune.storage import fail_stale_trials
@@ -37,7 +43,6 @@ from droptune.storage import trial_states
 from droptune.study.factories import make_pruner
 from droptune.study.factories import make_sampler
 from droptune.study.slots import Slots
-from droptune.study.space import BASELINE_ATTR
 from droptune.study.space import baseline_gaps
 from droptune.study.space import baseline_params
 from droptune.study.spec import StudySpec
@@ -58,8 +63,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-SPEC_ATTR = "droptune.spec"
 
 
 @dataclass
@@ -148,9 +151,9 @@ def create_study(
         if (recorded.get("tracking") or {}).get("uri"):
             recorded["tracking"]["uri"] = mask_url(recorded["tracking"]["uri"])
         study.set_user_attr(SPEC_ATTR, recorded)
-        study.set_user_attr("droptune.metric", ",".join(spec.study.objectives))
+        study.set_user_attr(METRIC_ATTR, ",".join(spec.study.objectives))
         study.set_metric_names(list(spec.study.objectives))
-        study.set_user_attr("droptune.version", droptune.__version__)
+        study.set_user_attr(VERSION_ATTR, droptune.__version__)
     asked = n_trials or spec.n_trials
     slots = Slots(storage_url, study_name)
     try:
@@ -319,8 +322,8 @@ def reap_trials(
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     if owner_prefix is not None:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if str(trial.user_attrs.get("droptune.worker", "")).startswith(owner_prefix):
-                storage.set_trial_user_attr(trial_id_of(trial), "droptune.fail_reason", reason)
+            if str(trial.user_attrs.get(WORKER_ATTR, "")).startswith(owner_prefix):
+                storage.set_trial_user_attr(trial_id_of(trial), FAIL_REASON_ATTR, reason)
                 if storage.set_trial_state_values(trial_id_of(trial), TrialState.FAIL):
                     failed += 1
     try:

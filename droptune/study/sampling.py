@@ -28,6 +28,8 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
+from droptune.records import DUPLICATE_ATTR
+
 
 __all__ = ["DUPLICATE_ATTR", "FinishedConfigs", "TrialSeededSampler", "seed_for_trial"]
 
@@ -119,7 +121,6 @@ class TrialSeededSampler(BaseSampler):
 
 #: User attribute of a trial that was sampled with the params of a finished trial: it is
 #: failed before training (its slot runs again with a new trial) and names that trial.
-DUPLICATE_ATTR = "droptune.duplicate_of"
 
 
 def _key(params: dict[str, Any]) -> tuple[tuple[str, str], ...]:

@@ -25,6 +25,7 @@ from droptune.exceptions import ConfigError
 from droptune.exceptions import SpecError
 from droptune.kinds import DROPOUT_KINDS
 from droptune.kinds import ELEMENTWISE_KINDS
+from droptune.records import BASELINE_ATTR
 
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ __all__ = [
 
 KIND_PATH = "regularization.dropout.kind"
 #: User attribute of the trial that runs the spec's fixed configuration.
-BASELINE_ATTR = "droptune.baseline"
 
 FAMILY_KINDS: dict[str, tuple[str, ...]] = {
     "mlp": ELEMENTWISE_KINDS,

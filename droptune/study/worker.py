@@ -28,6 +28,8 @@ import uuid
 import optuna
 import pytorch_lightning as pl
 
+from droptune.records import DUPLICATE_ATTR
+from droptune.records import FAIL_REASON_ATTR
 from droptune.storage import fail_stale_trials
 from droptune.storage import open_storage
 from droptune.storage import trial_states
@@ -35,7 +37,6 @@ from droptune.study.factories import make_pruner
 from droptune.study.factories import make_sampler
 from droptune.study.objective import Objective
 from droptune.study.population import population_round
-from droptune.study.sampling import DUPLICATE_ATTR
 from droptune.study.slots import Slots
 from droptune.study.spec import StudySpec
 from droptune.tracking import StudyTracking
@@ -219,7 +220,7 @@ def run_worker(
             if not stop.requested:
                 raise
             reason = f"worker interrupted by signal {stop.signum}"
-            trial.set_user_attr("droptune.fail_reason", f"WorkerInterrupted: {reason}")
+            trial.set_user_attr(FAIL_REASON_ATTR, f"WorkerInterrupted: {reason}")
             raise WorkerInterrupted(reason) from exc
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -22,6 +22,10 @@ import time
 from typing import Any
 
 from droptune.exceptions import TrackingError
+from droptune.records import ERROR_TAG
+from droptune.records import ROLE_TAG
+from droptune.records import STUDY_TAG
+from droptune.records import TRIAL_NUMBER_TAG
 from droptune.storage import mask_url
 from droptune.storage import prepare_sqlite
 
@@ -46,9 +50,6 @@ STATUS_BY_STATE = {
     "WAITING": "SCHEDULED",
 }
 
-RUN_ID_ATTR = "droptune.mlflow_run_id"
-PARENT_ATTR = "droptune.mlflow_parent_run_id"
-ERROR_ATTR = "droptune.tracking_error"
 
 _MAX_PARAM = 6000  # MLflow's param value limit is 6000 characters
 
@@ -250,7 +251,7 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id(),
             run_name=self.study_name,
-            tags={"droptune.study": self.study_name, "droptune.role": "study", **tags},
+            tags={STUDY_TAG: self.study_name, ROLE_TAG: "study", **tags},
         )
         param_list = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
         for start in range(0, len(param_list), 100):
@@ -264,7 +265,7 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id(),
             run_name=name,
-            tags={"mlflow.parentRunId": parent_run_id, "droptune.study": self.study_name, **tags},
+            tags={"mlflow.parentRunId": parent_run_id, STUDY_TAG: self.study_name, **tags},
         )
         return str(run.info.run_id)
 
@@ -274,8 +275,8 @@ class Tracker:
             parent_run_id,
             f"trial-{trial_number}",
             {
-                "droptune.trial_number": str(trial_number),
-                "droptune.role": "trial",
+                TRIAL_NUMBER_TAG: str(trial_number),
+                ROLE_TAG: "trial",
                 "optuna.state": "RUNNING",
                 **tags,
             },
@@ -306,7 +307,7 @@ class Tracker:
         param_list = [Param(key, _param_value(value)) for key, value in params.items()]
         all_tags = {**tags, "optuna.state": state}
         if error:
-            all_tags["droptune.error"] = error[:5000]
+            all_tags[ERROR_TAG] = error[:5000]
         tag_list = [RunTag(key, str(value)) for key, value in all_tags.items()]
         # MLflow caps one batch at 1000 metrics, 100 params, 100 tags.
         for start in range(0, max(len(metrics), 1), 1000):
@@ -327,7 +328,7 @@ class Tracker:
         """Set a run's final status (used for reaped trials whose worker died)."""
         tags = {"optuna.state": state}
         if error:
-            tags["droptune.error"] = error[:5000]
+            tags[ERROR_TAG] = error[:5000]
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
         self.client.set_terminated(run_id, status=STATUS_BY_STATE.get(state, "FAILED"))

@@ -21,6 +21,8 @@ import tempfile
 from typing import TYPE_CHECKING
 from typing import Any
 
+from droptune.records import METRIC_ATTR
+
 
 if TYPE_CHECKING:
     import optuna
@@ -122,7 +124,7 @@ def write_study_artifacts(study: optuna.Study, folder: Path) -> list[Path]:
         t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE
     ]
     single = len(study.directions) == 1
-    metric = str(study.user_attrs.get("droptune.metric", "objective"))
+    metric = str(study.user_attrs.get(METRIC_ATTR, "objective"))
     searched = sorted({n for t in complete for n in t.params})
     rates = [
         n for n in searched if n.startswith("regularization.dropout.") and n.endswith("_rate")

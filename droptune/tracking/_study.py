@@ -17,6 +17,25 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from droptune.exceptions import TrackingError
+from droptune.records import BACKFILLED_TAG
+from droptune.records import DEVICE_ATTR
+from droptune.records import EPOCHS_ATTR
+from droptune.records import ERROR_ATTR
+from droptune.records import EXPERIMENT_ATTR
+from droptune.records import FAIL_REASON_ATTR
+from droptune.records import HISTORY_ATTR
+from droptune.records import METRIC_ATTR
+from droptune.records import PARENT_ATTR
+from droptune.records import RUN_ID_ATTR
+from droptune.records import SECONDS_ATTR
+from droptune.records import SEED_ATTR
+from droptune.records import SPEC_ATTR
+from droptune.records import STORAGE_TAG
+from droptune.records import TRACEBACK_ATTR
+from droptune.records import TRIAL_NUMBER_TAG
+from droptune.records import URI_ATTR
+from droptune.records import VERSION_ATTR
+from droptune.records import WORKER_ATTR
 from droptune.storage import MASK
 from droptune.storage import cached_trial
 from droptune.storage import claim_once
@@ -28,9 +47,6 @@ from droptune.storage import set_user_attrs
 from droptune.storage import storage_of
 from droptune.storage import trial_id_of
 from droptune.timing import timed
-from droptune.tracking._client import ERROR_ATTR
-from droptune.tracking._client import PARENT_ATTR
-from droptune.tracking._client import RUN_ID_ATTR
 from droptune.tracking._client import Tracker
 from droptune.tracking._client import default_tracking_uri
 from droptune.tracking._client import flatten
@@ -45,7 +61,6 @@ __all__ = ["HISTORY_ATTR", "SECONDS_ATTR", "StudyTracking", "tracking_uri"]
 
 log = logging.getLogger(__name__)
 
-HISTORY_ATTR = "droptune.history"
 #: The error shown for a FAIL trial without a recorded reason: Optuna's heartbeat check failed it
 #: because its worker stopped beating.
 STALE_REASON = (
@@ -53,9 +68,7 @@ STALE_REASON = (
     "check and retried once"
 )
 #: The tracking URI of the study's runs (password masked).
-URI_ATTR = "droptune.mlflow_tracking_uri"
 #: Seconds the trial spent on MLflow calls (start + finish), for the overhead figures.
-SECONDS_ATTR = "droptune.tracking_seconds"
 
 
 def tracking_uri(spec: StudySpec, study_name: str) -> str:
@@ -102,7 +115,7 @@ class StudyTracking:
         """
         from droptune.study.spec import spec_from_dict
 
-        recorded = study.user_attrs.get("droptune.spec")
+        recorded = study.user_attrs.get(SPEC_ATTR)
         if not isinstance(recorded, dict):
             raise TrackingError(
                 f"study {study.study_name!r} was not created by droptune (no droptune.spec "
@@ -137,8 +150,8 @@ class StudyTracking:
                 self._parent = str(known)
             else:
                 tags = {
-                    "droptune.version": self.version,
-                    "droptune.storage": mask_url(self.storage_url),
+                    VERSION_ATTR: self.version,
+                    STORAGE_TAG: mask_url(self.storage_url),
                     "optuna.directions": ",".join(d.name.lower() for d in study.directions),
                 }
                 self._parent = claim_once(
@@ -148,13 +161,13 @@ class StudyTracking:
                     lambda: self.tracker.create_parent_run(tags, self._study_params(study)),
                 )
                 study.set_user_attr(PARENT_ATTR, self._parent)
-                study.set_user_attr("droptune.mlflow_experiment_id", self.tracker.experiment_id())
+                study.set_user_attr(EXPERIMENT_ATTR, self.tracker.experiment_id())
                 study.set_user_attr(URI_ATTR, mask_url(self.uri))
         return self._parent
 
     def _study_params(self, study: optuna.Study) -> dict[str, Any]:
         """The parent run's params: the spec as recorded on the study (URLs masked)."""
-        recorded = study.user_attrs.get("droptune.spec")
+        recorded = study.user_attrs.get(SPEC_ATTR)
         if not isinstance(recorded, dict):
             return {}
         return {
@@ -193,10 +206,10 @@ class StudyTracking:
 
     def _start_tags(self, user_attrs: dict[str, Any]) -> dict[str, str]:
         return {
-            "droptune.version": self.version,
-            "droptune.seed": str(user_attrs.get("droptune.seed", "")),
-            "droptune.device": str(user_attrs.get("droptune.device", "")),
-            "droptune.worker": str(user_attrs.get("droptune.worker", "")),
+            VERSION_ATTR: self.version,
+            SEED_ATTR: str(user_attrs.get(SEED_ATTR, "")),
+            DEVICE_ATTR: str(user_attrs.get(DEVICE_ATTR, "")),
+            WORKER_ATTR: str(user_attrs.get(WORKER_ATTR, "")),
         }
 
     def trial_started(self, study: optuna.Study, trial: optuna.Trial) -> None:
@@ -326,7 +339,7 @@ class StudyTracking:
             run_id = self.tracker.start_trial_run(
                 parent,
                 frozen.number,
-                {"droptune.version": self.version, "droptune.backfilled": "true"},
+                {VERSION_ATTR: self.version, BACKFILLED_TAG: "true"},
             )
             self.link(study, frozen, run_id)
         params: dict[str, Any] = dict(frozen.params)
@@ -339,7 +352,7 @@ class StudyTracking:
             )
         history = list(frozen.user_attrs.get(HISTORY_ATTR) or [])
         if not history and frozen.intermediate_values:
-            metric = str(study.user_attrs.get("droptune.metric", "objective"))
+            metric = str(study.user_attrs.get(METRIC_ATTR, "objective"))
             history = [{metric: v} for _, v in sorted(frozen.intermediate_values.items())]
         if frozen.state.name == "COMPLETE" and frozen.values is not None:
             # The trial's value (the best epoch's, not the last one's), so that sorting runs
@@ -353,14 +366,14 @@ class StudyTracking:
             last.update(zip(names, frozen.values, strict=True))
             history = [*history[:-1], last]
         tags = {
-            "droptune.seed": str(frozen.user_attrs.get("droptune.seed", "")),
-            "droptune.device": str(frozen.user_attrs.get("droptune.device", "")),
-            "droptune.worker": str(frozen.user_attrs.get("droptune.worker", "")),
-            "droptune.epochs": str(frozen.user_attrs.get("droptune.epochs", "")),
+            SEED_ATTR: str(frozen.user_attrs.get(SEED_ATTR, "")),
+            DEVICE_ATTR: str(frozen.user_attrs.get(DEVICE_ATTR, "")),
+            WORKER_ATTR: str(frozen.user_attrs.get(WORKER_ATTR, "")),
+            EPOCHS_ATTR: str(frozen.user_attrs.get(EPOCHS_ATTR, "")),
             "optuna.trial_number": str(frozen.number),
         }
-        if frozen.user_attrs.get("droptune.traceback"):
-            tags["droptune.traceback"] = str(frozen.user_attrs["droptune.traceback"])[-5000:]
+        if frozen.user_attrs.get(TRACEBACK_ATTR):
+            tags[TRACEBACK_ATTR] = str(frozen.user_attrs[TRACEBACK_ATTR])[-5000:]
         if frozen.values is not None:
             tags["optuna.values"] = ",".join(f"{v:.6g}" for v in frozen.values)
         self.tracker.finish_trial_run(
@@ -369,7 +382,7 @@ class StudyTracking:
             params=params,
             history=history,
             tags=tags,
-            error=frozen.user_attrs.get("droptune.fail_reason")
+            error=frozen.user_attrs.get(FAIL_REASON_ATTR)
             or (STALE_REASON if frozen.state.name == "FAIL" else None),
         )
         return str(run_id)
@@ -402,7 +415,7 @@ class StudyTracking:
         }
         closed = []
         for run in running:
-            number = run.data.tags.get("droptune.trial_number", "")
+            number = run.data.tags.get(TRIAL_NUMBER_TAG, "")
             frozen = ended.get(int(number)) if number.isdigit() else None
             if frozen is None:
                 continue
@@ -500,7 +513,7 @@ class StudyTracking:
             f"trials_{state.lower()}": float(sum(t.state.name == state for t in trials))
             for state in ("COMPLETE", "PRUNED", "FAIL")
         }
-        metric = str(study.user_attrs.get("droptune.metric", "objective"))
+        metric = str(study.user_attrs.get(METRIC_ATTR, "objective"))
         if len(study.directions) == 1:
             with contextlib.suppress(ValueError):
                 metrics[f"best_{metric}"] = float(study.best_value)

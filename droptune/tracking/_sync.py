@@ -15,7 +15,9 @@ import logging
 from typing import TYPE_CHECKING
 from typing import Any
 
-from droptune.tracking._client import PARENT_ATTR
+from droptune.records import DUPLICATE_ATTR
+from droptune.records import PARENT_ATTR
+from droptune.records import TRIAL_NUMBER_TAG
 
 
 if TYPE_CHECKING:
@@ -61,12 +63,12 @@ def sync_study(study: optuna.Study, tracking: StudyTracking) -> SyncReport:
     parent = tracking.parent_run_id(study)
     runs: dict[int, list[Any]] = {}
     for run in tracking.tracker.child_runs(parent):
-        number = run.data.tags.get("droptune.trial_number")
+        number = run.data.tags.get(TRIAL_NUMBER_TAG)
         if number is not None and number.isdigit():
             runs.setdefault(int(number), []).append(run)
     ended = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     for frozen in study.get_trials(deepcopy=False, states=ended):
-        if "droptune.duplicate_of" in frozen.user_attrs:
+        if DUPLICATE_ATTR in frozen.user_attrs:
             continue  # sampled a finished config again: failed before training, no run
         existing = sorted(runs.get(frozen.number, []), key=lambda r: r.info.start_time or 0)
         own = str(tracking.run_id_of(frozen) or "")

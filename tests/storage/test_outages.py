@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from droptune.tracking._client import ERROR_ATTR
+from droptune.records import ERROR_ATTR
 from droptune.tracking._server import start_server
 from tests.study.helpers import Procs
 from tests.study.helpers import SpecWriter

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import droptune
-from droptune.study.confirm import CONFIRMATION_ATTR
+from droptune.records import CONFIRMATION_ATTR
 from droptune.study.confirm import confirmation_of
 from tests.study.helpers import Procs
 from tests.study.helpers import SpecWriter

@@ -10,12 +10,12 @@ from typing import Any
 import optuna
 import pytest
 
+from droptune.records import BASELINE_ATTR
+from droptune.records import DUPLICATE_ATTR
 from droptune.study.objective import PruningCallback
 from droptune.study.runner import create_study
 from droptune.study.runner import study_budget
-from droptune.study.sampling import DUPLICATE_ATTR
 from droptune.study.sampling import TrialSeededSampler
-from droptune.study.space import BASELINE_ATTR
 from droptune.study.space import baseline_params
 from droptune.study.spec import spec_from_dict
 from tests.study.helpers import TINY

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from droptune.study.space import BASELINE_ATTR
+from droptune.records import BASELINE_ATTR
 from tests.study.helpers import DELETE
 from tests.study.helpers import Procs
 from tests.study.helpers import SpecWriter

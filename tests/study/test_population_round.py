@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 import pytest
 
+from droptune.records import TIMING_ATTR
 from droptune.storage import ParamBuffer
 from droptune.storage import ask_many
 from droptune.storage import open_storage
@@ -20,7 +21,6 @@ from droptune.study.objective import Objective
 from droptune.study.population import population_round
 from droptune.study.spec import spec_from_dict
 from droptune.timing import CATEGORIES
-from droptune.timing import TIMING_ATTR
 from tests.study.helpers import TINY
 from tests.study.helpers import merge
 

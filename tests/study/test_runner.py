@@ -21,8 +21,8 @@ import yaml
 
 import droptune
 from droptune.cli import main
+from droptune.records import BASELINE_ATTR
 from droptune.study.objective import trial_seed
-from droptune.study.space import BASELINE_ATTR
 from droptune.study.space import KIND_PATH
 from droptune.study.space import baseline_params
 from droptune.study.spec import load_spec

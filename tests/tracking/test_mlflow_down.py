@@ -10,8 +10,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 import pytest
 
-from droptune.tracking._client import ERROR_ATTR
-from droptune.tracking._client import RUN_ID_ATTR
+from droptune.records import ERROR_ATTR
+from droptune.records import RUN_ID_ATTR
 from droptune.tracking._server import free_port
 from droptune.tracking._server import start_server
 from tests.study.helpers import Procs

@@ -27,11 +27,11 @@ import yaml
 
 from droptune import load_config
 from droptune.exceptions import ConfigError
+from droptune.records import HISTORY_ATTR
+from droptune.records import RUN_ID_ATTR
+from droptune.records import SECONDS_ATTR
+from droptune.records import TIMING_ATTR
 from droptune.timing import CATEGORIES
-from droptune.timing import TIMING_ATTR
-from droptune.tracking._client import RUN_ID_ATTR
-from droptune.tracking._study import HISTORY_ATTR
-from droptune.tracking._study import SECONDS_ATTR
 from tests.study.helpers import PG_URL
 from tests.study.helpers import TINY
 from tests.study.helpers import Procs

@@ -9,14 +9,14 @@ from typing import Any
 import optuna
 import pytest
 
+from droptune.records import HISTORY_ATTR
+from droptune.records import RUN_ID_ATTR
 from droptune.study.spec import spec_from_dict
 from droptune.tracking import STATUS_BY_STATE
 from droptune.tracking import StudyTracking
-from droptune.tracking._client import RUN_ID_ATTR
 from droptune.tracking._client import Tracker
 from droptune.tracking._client import flatten
 from droptune.tracking._report import write_study_artifacts
-from droptune.tracking._study import HISTORY_ATTR
 from droptune.tracking._sync import sync_study
 
 
