@@ -60,6 +60,9 @@ def _quiet_lightning(load: bool = True) -> None:
 
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    # Under a Slurm job array each task runs one worker process by design: Lightning's Slurm
+    # detection would suggest `srun` at every trial's fit.
+    warnings.filterwarnings("ignore", message=r".*The `srun` command is available.*")
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
