@@ -6,14 +6,14 @@ that nothing under ``/etc`` or ``/run`` is touched and a cluster already running
 is left alone. The daemons run in the foreground (``-D``) as children of the test process and
 are stopped by their PIDs.
 
-Steps verified on Debian 12's ``slurm-wlm`` 22.05 (see ``/work/shared/reference/stack-notes.md``
-of the project's notes): ``munged --force`` as root, ``proctrack/linuxproc`` and ``task/none``
-(no cgroups without systemd), ``select/cons_tres``, accounting off.
+Verified with Debian 12's ``slurm-wlm`` 22.05: ``munged --force`` as root, ``proctrack/linuxproc``
+and ``task/none`` (no cgroups without systemd), ``select/cons_tres``, accounting off (no
+``sacct``: ended jobs are read with ``scontrol`` while ``MinJobAge`` keeps them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 import contextlib
 import os
 from pathlib import Path
@@ -138,10 +138,10 @@ class SlurmCluster:
         out = self.run("sinfo", "-h", "-N", "-o", "%t", check=False).stdout.strip()
         return out in ("idle", "mix", "alloc")
 
-    def _wait(self, ready: object, timeout: float, what: str) -> None:
+    def _wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if callable(ready) and ready():
+            if ready():
                 return
             dead = [p.args[0] for p in self.daemons if p.poll() is not None]
             if dead:
@@ -203,7 +203,3 @@ class SlurmCluster:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(timeout=10)
-
-
-def sbatch_args(script: Path, *options: str, args: Sequence[str] = ()) -> list[str]:
-    return ["sbatch", "--parsable", *options, str(script), *args]

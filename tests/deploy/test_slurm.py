@@ -211,6 +211,46 @@ def test_a_requeued_task_rejoins_harmlessly(
     assert not [t for t in trial_list if t.state.name == "RUNNING"]
 
 
+def test_the_time_limit_signal_lets_the_running_trial_finish(
+    slurm: SlurmCluster, pg_url: str, tmp_path: Path
+) -> None:
+    """What ``--signal=B:TERM@60`` does before the time limit, sent at once: SIGTERM to the
+    batch shell only (``scancel --batch``). The script passes it on, the worker (--graceful)
+    finishes its running trial (COMPLETE, not lost) and exits 130; task 0 finishes the study."""
+    spec = write_spec(tmp_path, "limit", n_trials=4, epochs=EPOCHS)
+    job = submit(slurm, tmp_path, spec, pg_url, "--array=0-1")
+    prefix = owner_prefix(slurm, job, 1)
+    running = wait_for(
+        lambda: running_trial_of(pg_url, "limit", prefix), 300, "task 1 to train a trial"
+    )
+
+    slurm.run("scancel", "--batch", "--signal=TERM", f"{job}_1")
+
+    states = wait_for_array(slurm, job)
+    log = task_outputs(tmp_path, job)
+    assert states == {"0": "COMPLETED", "1": "FAILED"}, (states, log)
+    assert f"droptune worker {prefix}" in log and "exited with 130" in log, log
+    trial_list = trials(pg_url, "limit")
+    assert {t.number: t.state.name for t in trial_list}[running.number] == "COMPLETE", log
+    assert counts(trial_list) == {"COMPLETE": 4}, log
+    # it started no trial after the signal: its last trial is the one that was running
+    assert max(t.number for t in trials_of(pg_url, "limit", prefix)) == running.number
+
+
+def test_the_script_asks_for_what_a_worker_array_needs() -> None:
+    directives = [
+        line.split(None, 1)[1]
+        for line in SCRIPT.read_text().splitlines()
+        if line.startswith("#SBATCH ")
+    ]
+    assert any(d.startswith("--array=0-") for d in directives)
+    for option in ("--gres=gpu:1", "--requeue", "--signal=B:TERM@60"):
+        assert option in directives, option
+    text = SCRIPT.read_text()
+    assert '--worker-index "$index"' in text and "--graceful" in text
+    assert "index=${SLURM_ARRAY_TASK_ID:-0}" in text
+
+
 def test_the_script_refuses_to_run_without_a_storage(tmp_path: Path) -> None:
     """Outside Slurm too: no DROPTUNE_STORAGE, exit 2 with one message."""
     import subprocess
