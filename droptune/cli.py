@@ -61,6 +61,9 @@ def _quiet_lightning(load: bool = True) -> None:
 
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    # Under a Slurm job array each task runs one worker process by design: Lightning's Slurm
+    # detection would suggest `srun` at every trial's fit.
+    warnings.filterwarnings("ignore", message=r".*The `srun` command is available.*")
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -359,13 +362,15 @@ def worker(
     ] = None,
     owner: Annotated[str | None, typer.Option(help="Worker identity (default host:pid).")] = None,
     worker_index: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=0,
             help="This worker's number among its peers (for logs and schedulers; sampling "
-            "does not depend on it).",
+            "does not depend on it). Default: the engine's task index, JOB_COMPLETION_INDEX "
+            "(Kubernetes) or SLURM_ARRAY_TASK_ID (Slurm), else 0.",
+            show_default=False,
         ),
-    ] = 0,
+    ] = None,
     deadline: Annotated[
         float | None,
         typer.Option(
@@ -385,7 +390,10 @@ def worker(
     from droptune.config import load_yaml_value
     from droptune.study.runner import create_study
     from droptune.study.worker import run_worker
+    from droptune.study.worker import task_index
 
+    if worker_index is None:
+        worker_index = task_index()
     spec, url, name = _spec_and_url(spec_path, storage, study_name)
     overrides: dict[str, Any] = {}
     for item in set_ or []:

@@ -13,6 +13,7 @@ with the trial left RUNNING). The trial raises at the next batch boundary instea
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
 import logging
@@ -28,6 +29,7 @@ import uuid
 import optuna
 import pytorch_lightning as pl
 
+from droptune.exceptions import SpecError
 from droptune.records import DUPLICATE_ATTR
 from droptune.records import FAIL_REASON_ATTR
 from droptune.storage import fail_stale_trials
@@ -42,9 +44,52 @@ from droptune.study.spec import StudySpec
 from droptune.tracking import StudyTracking
 
 
-__all__ = ["REPEAT_AFTER_S", "WorkerInterrupted", "WorkerReport", "run_worker"]
+__all__ = [
+    "REPEAT_AFTER_S",
+    "TASK_INDEX_VARIABLES",
+    "WorkerInterrupted",
+    "WorkerReport",
+    "run_worker",
+    "task_index",
+]
 
 log = logging.getLogger(__name__)
+
+
+#: Where batch engines put a task's index, read in this order when ``--worker-index`` is not
+#: given: a Kubernetes Indexed Job (``completionMode: Indexed``), a Slurm job array.
+TASK_INDEX_VARIABLES = ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID")
+
+
+def task_index(environ: Mapping[str, str] | None = None) -> int:
+    """The worker's index as its batch engine numbered it, 0 outside one.
+
+    The index only names the worker in logs: slots hand out the trials, so an index beyond the
+    number of workers (a larger array, a re-run task) is harmless.
+
+    Args:
+        environ: The environment to read (default ``os.environ``).
+
+    Raises:
+        SpecError: The first variable of :data:`TASK_INDEX_VARIABLES` that is set is not a
+            whole number >= 0.
+
+    Example:
+        >>> task_index({"SLURM_ARRAY_TASK_ID": "3"})
+        3
+    """
+    env = os.environ if environ is None else environ
+    for name in TASK_INDEX_VARIABLES:
+        value = env.get(name, "").strip()
+        if not value:
+            continue
+        if not (value.isascii() and value.isdecimal()):
+            raise SpecError(
+                f"{name}: must be a whole number >= 0 (the task index, read when "
+                f"--worker-index is not given), got {value!r}"
+            )
+        return int(value)
+    return 0
 
 
 class WorkerInterrupted(Exception):
@@ -156,6 +201,7 @@ def run_worker(
     """
     owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     report = WorkerReport(owner)
+    log.info("worker %s (index %d) joins study %s", owner, worker_index, study_name)
     execution = spec.execution
     storage = open_storage(
         storage_url,
