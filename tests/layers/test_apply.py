@@ -493,7 +493,7 @@ def test_report_contents_and_table() -> None:
     assert report.paths() == ["net.2", "net.5", "net.8"]
     first, second, third = list(report)
     assert first == droptune.layers.Change(
-        "net.2", "conv", "Dropout2d(p=0.1, inplace=False)", "SpatialDropout(p=0.2)"
+        "net.2", "conv", "Dropout2d(p=0.1, inplace=False)", "SpatialDropout(p=0.2)", "spatial", 0.2
     )
     assert (second.before, second.after) == (
         "Dropout(p=0.1, inplace=False)",
