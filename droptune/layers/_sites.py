@@ -22,9 +22,10 @@ Which site a dropout module is, in this order:
    says so (``attn_drop``, ``attn_dropout``, ``attention_dropout``) or the one dropout of an
    attention core (a class named ``*Attention`` with query/key/value children) registered before
    its output projection (HF BERT's ``attention.self.dropout``);
-3. a dropout inside an ``*Embeddings`` module, or right after a token embedding in a model
-   without RNNs → ``input`` (the same site as the built-in transformer's dropout after its
-   embedding; ``embedding_rate`` stays word-type dropout on ``nn.Embedding`` itself);
+3. a dropout inside an ``*Embeddings`` module, named for positions / patches / embeddings
+   (timm's ``pos_drop``), or right after a token embedding, in a model without RNNs →
+   ``input`` (the same site as the built-in transformer's dropout after its embedding;
+   ``embedding_rate`` stays word-type dropout on ``nn.Embedding`` itself);
 4. otherwise the weight layer that runs before it (forward order when traced, else registration
    order): none → ``input``, unless the name says residual/projection/output (``resid_dropout``,
    ``proj_drop``, ``hidden_dropout``) → ``hidden``; a convolution with no flatten in between →
@@ -66,7 +67,9 @@ _HIDDEN_WORDS = {
     "resid", "residual", "proj", "out", "output", "hidden", "ffn", "mlp", "fc", "head",
     "classifier", "cls", "final", "activation", "act", "dense", "pooler", "summary",
 }  # fmt: skip
-_INPUT_WORDS = {"emb", "embed", "embedding", "embeddings", "input", "word", "token"}
+_INPUT_WORDS = {
+    "emb", "embed", "embedding", "embeddings", "input", "word", "token", "pos", "patch",
+}  # fmt: skip
 _QKV_NAMES = {
     "query", "key", "value", "q", "k", "v", "qkv", "q_proj", "k_proj", "v_proj", "qkv_proj",
     "in_proj", "c_attn", "to_q", "to_k", "to_v", "to_qkv", "wq", "wk", "wv", "wqkv",
@@ -308,7 +311,8 @@ def _module_site(
     if attention:
         return "attention"
     has_rnn = any(isinstance(m, nn.RNNBase) for m in modules.values())
-    if parent is not None and "Embedding" in type(parent).__name__ and not has_rnn:
+    in_embedding = parent is not None and "Embedding" in type(parent).__name__
+    if (in_embedding or words & _INPUT_WORDS) and not has_rnn:
         return "input"
     if positional == "input" and words & _HIDDEN_WORDS:
         return "hidden"
