@@ -8,8 +8,9 @@ them accepts, through :func:`read_section`:
   (``{"dropout": {...}, "l2": {...}, "max_norm": 3.0}``), from which it takes its part;
 * its own part: a :class:`DropoutConfig` / :class:`L2Config` or its dict form
   (``{"kind": "standard", "hidden_rate": 0.3}``, ``{"strength": 1e-4, "mode": "decoupled"}``);
-* the documented shorthand: a bare number for L2 (the strength λ) and for max-norm (the bound c),
-  ``None`` for "the defaults" (max-norm ``None`` is off).
+* the documented shorthand: a bare number for L2 (the strength λ; also ``l2: 1.0e-4`` in YAML,
+  expanded by :class:`RegularizationConfig` itself) and for max-norm (the bound c), ``None`` for
+  "the defaults" (max-norm ``None`` is off).
 
 Whatever the form, the values are validated by the same pydantic models as a YAML spec, so a bad
 value is a :class:`ConfigError` naming the dotted field (``regularization.l2.strength: must be
@@ -77,15 +78,15 @@ def read_section(value: Any, section: Section) -> Any:
     if own is not None and isinstance(value, own):
         # Checked again: ``model_construct`` (or a copy with ``update=``) skips validation.
         value = value.model_dump(mode="python")
-    elif section == "l2" and _is_number(value):
-        value = {"strength": value}
     elif section == "l2" and _l2_like(value):
         value = {"strength": value.strength, "mode": value.mode}
     if value is None and section != "max_norm":
         value = {}
-    if (section != "max_norm" and not isinstance(value, Mapping)) or (
-        section == "max_norm" and value is not None and not _is_number(value)
-    ):
+    # A bare number is the shorthand of l2 (the strength, expanded by RegularizationConfig
+    # itself, so YAML gets it too) and of max_norm (the bound).
+    shorthand = section in ("l2", "max_norm") and _is_number(value)
+    off = section == "max_norm" and value is None
+    if not (shorthand or off or isinstance(value, Mapping)):
         raise ConfigError(
             f"regularization.{section}: must be {_FORMS[section]}, got "
             f"{type(value).__name__} {short_repr(value)}"
