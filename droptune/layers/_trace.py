@@ -120,7 +120,7 @@ def _probes(modules: dict[str, nn.Module], watch: dict[str, tuple[str, ...]]) ->
             cls = type(module)
             try:
                 module.__class__ = _probe_class(cls, names)
-            except TypeError:  # a class that cannot be subclassed or swapped: not watched
+            except (TypeError, AttributeError):  # cannot be subclassed or swapped: unwatched
                 continue
             swapped.append((module, cls))
         yield
