@@ -28,8 +28,6 @@ an error: apply warns and falls back to registration order; the report says what
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from dataclasses import field
 import logging
 from typing import TYPE_CHECKING
 from typing import Any
@@ -44,6 +42,8 @@ from droptune.exceptions import DroptuneWarning
 from droptune.layers._factory import make_dropout
 from droptune.layers._recurrent import VariationalGRU
 from droptune.layers._recurrent import VariationalLSTM
+from droptune.layers._report import ApplyReport
+from droptune.layers._report import Change
 from droptune.layers._sites import Site
 from droptune.layers._sites import is_aux_embedding
 from droptune.layers._sites import is_dropout_module
@@ -73,56 +73,6 @@ _LAYER_SITE = "_droptune_layer_dropout"
 _DEPTH_RATIO = "_droptune_depth_ratio"
 #: ``sites={path: KEEP}`` leaves a site as it is.
 KEEP = "keep"
-
-
-@dataclass(frozen=True)
-class Change:
-    """One modification: the module path, its site, the module (or setting) before/after, and
-    what will actually happen there: the kind and rate in effect, and a note where it is not
-    plain (a rate the library reads itself, a depth-scaled rate, a module never reached)."""
-
-    path: str
-    site: str
-    before: str
-    after: str
-    kind: str = ""
-    rate: float | None = None
-    note: str = ""
-
-
-@dataclass
-class ApplyReport:
-    """What :func:`apply` changed, in model order, and what it noticed but left alone."""
-
-    changes: list[Change]
-    #: Model-level remarks: a trace that failed, dropout-like modules apply does not know.
-    notes: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.changes)
-
-    def __iter__(self) -> Any:
-        return iter(self.changes)
-
-    def paths(self) -> list[str]:
-        """The module paths that changed."""
-        return [c.path for c in self.changes]
-
-    def sites(self) -> dict[str, str]:
-        """``{path: site}`` of every change."""
-        return {c.path: c.site for c in self.changes}
-
-    def __str__(self) -> str:
-        if not self.changes:
-            lines = ["droptune.apply: no changes (the model has no dropout sites)"]
-        else:
-            width = max(len(c.path) for c in self.changes)
-            lines = [f"{'module':<{width}}  {'site':<9}  before -> after"]
-            for c in self.changes:
-                note = f"  # {c.note}" if c.note else ""
-                lines.append(f"{c.path:<{width}}  {c.site:<9}  {c.before} -> {c.after}{note}")
-        lines += [f"note: {note}" for note in self.notes]
-        return "\n".join(lines)
 
 
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -306,7 +256,8 @@ def _set_site(
         note = "; ".join(
             filter(None, [note, f"depth-scaled: {ratios[s.path]:.3g} x droppath_rate"])
         )
-    if s.form == "module":
+    if s.form == "module" or (s.form == "droppath" and name != "residual"):
+        # A library's stochastic-depth module given another site becomes that site's dropout.
         old = modules[s.path]
         new = make_dropout(kind, rate, **options)
         new.train(old.training)

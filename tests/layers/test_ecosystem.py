@@ -610,3 +610,17 @@ def test_unknown_dropout_like_modules_are_noted_not_changed() -> None:
     assert model[1].drop_prob == 0.1
     assert "1 (DropBlock2d)" in " ".join(report.notes)
     assert "note: dropout-like modules apply does not know" in str(report)
+
+
+def test_a_library_drop_path_given_another_site_becomes_that_sites_dropout() -> None:
+    torch.manual_seed(0)
+    model = TimmStyleViT()
+    _, report = droptune.apply(
+        model,
+        {"dropout": {"kind": "gaussian", "hidden_rate": 0.2}},
+        sites={"blocks.1.drop_path1": "hidden"},
+    )
+    assert type(model.blocks[1].drop_path1) is droptune.layers.GaussianDropout
+    assert model.blocks[1].drop_path1.p == 0.2
+    assert report.sites()["blocks.1.drop_path1"] == "hidden"
+    assert isinstance(model.blocks[2].drop_path1, TimmDropPath)  # the others stay
