@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import re
 from typing import Literal
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -96,6 +97,11 @@ _DROPPATH_NAME = re.compile(r"^drop_?path(?:_(?:p|prob|rate))?$")
 _DROPPATH_CLASS = re.compile(r"drop_?path|stochastic_?depth", re.IGNORECASE)
 _DROPPATH_RATES = ("drop_prob", "p", "drop_rate", "drop_path_rate", "prob")
 _AUX_EMBEDDING = re.compile(r"pos|wpe|type|segment|relative|bias")
+
+_SCRIPTED = {
+    "Linear": "dense", "Conv1d": "conv", "Conv2d": "conv", "Conv3d": "conv", "LSTM": "rnn",
+    "GRU": "rnn", "Embedding": "embedding", "Flatten": "flatten",
+}  # fmt: skip
 
 Form = Literal["module", "droppath", "attribute"]
 
@@ -229,6 +235,9 @@ def _owned_by_droptune(path: str, modules: dict[str, nn.Module]) -> bool:
 
 
 def _weight_family(path: str, module: nn.Module) -> str | None:
+    if isinstance(module, torch.jit.ScriptModule):  # scripted: only its original class name
+        name = str(getattr(module, "original_name", ""))
+        return _SCRIPTED.get(name)
     if isinstance(module, nn.modules.conv._ConvNd):
         return "conv"
     if isinstance(module, nn.RNNBase):
@@ -323,13 +332,17 @@ def walk(model: nn.Module, traced: Trace | None) -> list[Site]:
     """Every site of ``model``, in registration order (see the module docstring for the rules)."""
     modules = dict(model.named_modules())
     positional = _positional(modules, [(path, None) for path in modules])
-    if traced is not None:
+    scripted = any(isinstance(m, torch.jit.ScriptModule) for m in modules.values())
+    if traced is not None and not scripted:
         # Forward order and real input ranks win; modules the forward never reached keep
-        # their registration-order site.
+        # their registration-order site. (Scripted code takes no hooks: with it in the model
+        # the traced order has gaps, and registration order is the better guess.)
         positional.update(_positional(modules, traced.order))
     sites: list[Site] = []
     for path, module in modules.items():
         owner, _, name = path.rpartition(".")
+        if not path:
+            continue  # a model that is itself a dropout module has no parent to swap it in
         if path in positional:
             site = _module_site(path, positional[path][0], modules, traced)
             reads_only = False

@@ -151,23 +151,25 @@ def trace(model: nn.Module, example_input: Any, watch: dict[str, tuple[str, ...]
     paths = {id(m): p for p, m in modules.items()}
     result = Trace()
     handles = []
-    for path, module in modules.items():
-
-        def hook(
-            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], path: str = path
-        ) -> None:
-            first = _first_tensor(args, kwargs)
-            result.order.append((path, first.dim() if first is not None else None))
-            result.calls[path] += 1
-            if first is not None and _is_distribution(first):
-                result.probabilities.add(path)
-
-        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     flags = {m: m.training for m in model.modules()}
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     reads: set[tuple[int, str]] = set()
     token = _READS.set(reads)
     try:
+        for path, module in modules.items():
+            if isinstance(module, torch.jit.ScriptModule):
+                continue  # no hooks on compiled code: its insides stay unseen
+
+            def hook(
+                module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], path: str = path
+            ) -> None:
+                first = _first_tensor(args, kwargs)
+                result.order.append((path, first.dim() if first is not None else None))
+                result.calls[path] += 1
+                if first is not None and _is_distribution(first):
+                    result.probabilities.add(path)
+
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         model.train()
         for module in model.modules():
             if isinstance(module, _NORMS):
