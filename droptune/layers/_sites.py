@@ -354,6 +354,8 @@ def walk(model: nn.Module, traced: Trace | None) -> list[Site]:
                     if reads_only
                     else "not reached by the example forward"
                 )
+            elif traced is not None and traced.calls[path] > 1:
+                note = f"runs at {traced.calls[path]} places; its site is that of the first"
             sites.append(
                 Site(path, site, "module", owner, name, reads_only, note, positional[path][1])
             )

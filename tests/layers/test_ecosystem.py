@@ -624,3 +624,10 @@ def test_a_library_drop_path_given_another_site_becomes_that_sites_dropout() -> 
     assert model.blocks[1].drop_path1.p == 0.2
     assert report.sites()["blocks.1.drop_path1"] == "hidden"
     assert isinstance(model.blocks[2].drop_path1, TimmDropPath)  # the others stay
+
+
+def test_a_dropout_module_used_twice_is_noted() -> None:
+    # T5 runs encoder.dropout after the embedding and again after the final layer norm.
+    _, report = droptune.apply(_build("t5"), {"dropout": RATES}, example_input=MODELS["t5"][1]())
+    change = next(c for c in report if c.path == "encoder.dropout")
+    assert change.site == "input" and "runs at 2 places" in change.note
