@@ -5,7 +5,7 @@ and :func:`droptune.apply` all use::
 
     regularization:
       dropout: {kind: standard, input_rate: 0.1, hidden_rate: 0.3}
-      l2: {strength: 1.0e-4, mode: decoupled}
+      l2: {strength: 1.0e-4, mode: decoupled}     # or the shorthand l2: 1.0e-4
       max_norm: 3.0
       early_stopping: {patience: 5, min_delta: 0.0, monitor: val_loss}
 
@@ -189,6 +189,16 @@ class RegularizationConfig(StrictModel):
     l2: L2Config = Field(default_factory=L2Config)
     max_norm: float | None = Field(default=None, gt=0.0)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _l2_shorthand(cls, data: Any) -> Any:
+        """``l2: 1.0e-4`` means ``l2: {strength: 1.0e-4}``: the shorthand that
+        :func:`droptune.param_groups` takes, accepted wherever the section is read."""
+        l2 = data.get("l2") if isinstance(data, dict) else None
+        if isinstance(l2, int | float) and not isinstance(l2, bool):
+            return {**data, "l2": {"strength": l2}}
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, prefix: str = "regularization") -> RegularizationConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "DroptuneError",
+    "DroptuneWarning",
     "InputShapeError",
     "SpecError",
     "StorageError",
@@ -59,3 +60,8 @@ class StorageUnreachable(StorageError):
 
 class TrackingError(DroptuneError):
     """MLflow tracking failed in a way the caller must know about."""
+
+
+class DroptuneWarning(UserWarning):
+    """Something droptune worked around and the user should know about (e.g. an example
+    forward that failed, so :func:`droptune.apply` decided sites from registration order)."""

@@ -6,8 +6,6 @@ whose activations carry a leading ``[P, ...]`` axis), is the identity in eval mo
 settings in ``repr``.
 """
 
-from droptune.layers._apply import ApplyReport
-from droptune.layers._apply import Change
 from droptune.layers._apply import apply
 from droptune.layers._attention import SelfAttention
 from droptune.layers._base import DropoutBase
@@ -27,6 +25,8 @@ from droptune.layers._mc import mc_dropout
 from droptune.layers._mc import mc_predict
 from droptune.layers._recurrent import VariationalGRU
 from droptune.layers._recurrent import VariationalLSTM
+from droptune.layers._report import ApplyReport
+from droptune.layers._report import Change
 from droptune.layers._structured import DropBlock
 from droptune.layers._structured import DropoutEmbedding
 from droptune.layers._structured import DropPath

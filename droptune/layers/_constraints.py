@@ -6,6 +6,7 @@ weight vector of each unit onto the ball ``‖w‖₂ ≤ c``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from typing import Literal
 from typing import Protocol
@@ -15,10 +16,20 @@ from torch import Tensor
 from torch import nn
 from torch.nn.utils import parametrize
 
+from droptune._sections import read_section
+from droptune.config import RegularizationConfig
 from droptune.exceptions import ConfigError
 
 
-__all__ = ["L2Like", "decay_split", "l2_penalty", "max_norm_", "param_groups"]
+__all__ = [
+    "L2Like",
+    "L2Section",
+    "MaxNormSection",
+    "decay_split",
+    "l2_penalty",
+    "max_norm_",
+    "param_groups",
+]
 
 _NORM_TYPES = (
     nn.modules.batchnorm._NormBase,
@@ -37,6 +48,14 @@ class L2Like(Protocol):
 
     @property
     def mode(self) -> str: ...
+
+
+#: Every form of the L2 section (see :func:`droptune._sections.read_section`): an L2Config, a
+#: RegularizationConfig, the dict form of either, or a bare strength λ.
+L2Section = L2Like | RegularizationConfig | Mapping[str, Any] | float
+#: Every form of the max-norm bound: a number c > 0, ``None`` (off), or a whole
+#: RegularizationConfig (or its dict form) whose ``max_norm`` is used.
+MaxNormSection = float | RegularizationConfig | Mapping[str, Any] | None
 
 
 def _weight(module: nn.Module) -> Tensor | None:
@@ -78,13 +97,19 @@ def _renorm_parametrized(module: nn.Module, dim: int, max_norm: float) -> None:
 
 
 @torch.no_grad()
-def max_norm_(module: nn.Module, max_norm: float) -> int:
+def max_norm_(module: nn.Module, max_norm: MaxNormSection) -> int:
     """Clip each unit's incoming weight vector to L2 norm ``<= max_norm``, in place.
 
     Covers every ``nn.Linear`` (rows of ``weight``), ``nn.Conv1d/2d/3d`` (one filter per output
     channel) and transposed convolution (incoming weights of an output channel lie along axis 1)
     under ``module``. Weights already inside the ball are left untouched. Call it after every
     optimizer step.
+
+    Args:
+        module: The model (every Linear and convolution under it is visited).
+        max_norm: The bound c > 0, or a whole :class:`~droptune.config.RegularizationConfig`
+            (or its dict form) whose ``max_norm`` is used; ``None`` (max-norm off) visits
+            nothing.
 
     Returns:
         The number of weight tensors visited.
@@ -97,41 +122,73 @@ def max_norm_(module: nn.Module, max_norm: float) -> int:
         >>> bool(layer.weight.norm(dim=1).max() <= 3.0 + 1e-5)
         True
     """
-    if not max_norm > 0:
-        raise ConfigError(f"max_norm must be > 0, got {max_norm!r}")
+    bound = read_section(max_norm, "max_norm")
+    if bound is None:
+        return 0
     visited = 0
     for sub in module.modules():
         if isinstance(sub, nn.Linear | nn.modules.conv._ConvNd):
             dim = 1 if isinstance(sub, nn.modules.conv._ConvTransposeNd) else 0
             weight = _weight(sub)
             if weight is not None:
-                weight.copy_(torch.renorm(weight, p=2, dim=dim, maxnorm=max_norm))
+                weight.copy_(torch.renorm(weight, p=2, dim=dim, maxnorm=bound))
             elif parametrize.is_parametrized(sub, "weight"):
-                _renorm_parametrized(sub, dim, max_norm)
+                _renorm_parametrized(sub, dim, bound)
             else:
                 continue
             visited += 1
     return visited
 
 
+def _is_norm(module: nn.Module) -> bool:
+    """torch's normalization layers, and those libraries write themselves (HF ``T5LayerNorm``,
+    ``LlamaRMSNorm``, ``ConvNextLayerNorm``): a class named ``*Norm*`` holding only 1-D
+    parameters (a scale and a shift per feature)."""
+    if isinstance(module, _NORM_TYPES):
+        return True
+    params = list(module.parameters(recurse=False))
+    return "Norm" in type(module).__name__ and bool(params) and all(p.dim() == 1 for p in params)
+
+
+def _decayed(owner: nn.Module, name: str, rank: int, is_norm: bool) -> bool:
+    """Whether weight decay / the L2 penalty applies to ``owner.<name>``.
+
+    Not decayed: biases (``bias``, ``bias_ih_l0``, ``in_proj_bias``), normalization parameters,
+    every other 1-D parameter (layer scales, per-channel gains: timm's rule) and the weight of an
+    embedding with a ``padding_idx``. An optimizer's weight decay acts on whole tensors, so it
+    would shrink the padding row that ``nn.Embedding`` keeps fixed (its gradient is always 0).
+    """
+    if is_norm or name.startswith("bias") or name.endswith("_bias") or rank <= 1:
+        return False
+    return not (isinstance(owner, nn.Embedding) and owner.padding_idx is not None)
+
+
 def decay_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Split the trainable parameters into (decayed, not decayed).
 
-    Not decayed: every bias (names starting with ``bias``, including RNN ``bias_ih_l0``) and every
-    parameter of a normalization layer (BatchNorm, LayerNorm, GroupNorm, RMSNorm, ...).
-    Everything else — weights of linear, conv, recurrent and embedding layers — is decayed.
-    Parameters under a parametrization (e.g. DropConnect) count as their parent's.
+    Not decayed: every bias (names starting with ``bias`` or ending in ``_bias``, including RNN
+    ``bias_ih_l0`` and attention ``in_proj_bias``), every parameter of a normalization layer
+    (BatchNorm, LayerNorm, GroupNorm, RMSNorm, and library norms such as ``T5LayerNorm``), every
+    other 1-D parameter, and embeddings with a padding row (``padding_idx``). Everything else —
+    weights of linear, conv, recurrent and embedding layers — is decayed. Parameters under a
+    parametrization (e.g. DropConnect) count as their parent's.
+
+    Example:
+        >>> emb = nn.Embedding(10, 4, padding_idx=0)
+        >>> decay, no_decay = decay_split(nn.Sequential(nn.Linear(4, 4), emb))
+        >>> len(decay), len(no_decay)
+        (1, 2)
     """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     seen: set[int] = set()
     for owner in model.modules():
+        is_norm = _is_norm(owner)
         for name, param in owner.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            is_norm = isinstance(owner, _NORM_TYPES)
-            (no_decay if is_norm or name.startswith("bias") else decay).append(param)
+            (decay if _decayed(owner, name, param.dim(), is_norm) else no_decay).append(param)
         # Parametrized tensors live in `owner.parametrizations.<name>.original`.
         if parametrize.is_parametrized(owner):
             # Several originals (``original0``, ``original1``, ... e.g. weight_norm) when a
@@ -141,30 +198,23 @@ def decay_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
                     if not param.requires_grad or id(param) in seen:
                         continue
                     seen.add(id(param))
-                    is_norm = isinstance(owner, _NORM_TYPES)
-                    (no_decay if is_norm or name.startswith("bias") else decay).append(param)
+                    # The parametrized tensor's rank decides (that of its largest original), not
+                    # that of a split original such as weight_norm's magnitude.
+                    rank = max(p.dim() for p in plist.parameters(recurse=False))
+                    decayed = _decayed(owner, name, rank, is_norm)
+                    (decay if decayed else no_decay).append(param)
     return decay, no_decay
 
 
-def _resolve(
-    l2: L2Like | float, mode: str | None
-) -> tuple[float, Literal["decoupled", "coupled"]]:
-    if isinstance(l2, bool):
-        raise ConfigError(f"l2.strength: must be a number >= 0, got {l2!r}")
-    if isinstance(l2, int | float):
-        strength, chosen = float(l2), mode or "decoupled"
-    else:
-        strength, chosen = float(l2.strength), mode or l2.mode
-    if chosen not in ("decoupled", "coupled"):
-        raise ConfigError(f"l2.mode: must be one of decoupled, coupled, got {chosen!r}")
-    if not strength >= 0:
-        raise ConfigError(f"l2.strength: must be >= 0, got {strength!r}")
-    return strength, chosen  # type: ignore[return-value]
+def _resolve(l2: L2Section, mode: str | None) -> tuple[float, Literal["decoupled", "coupled"]]:
+    """(strength, mode) from any form of the L2 section, ``mode`` overriding its mode."""
+    cfg = read_section(l2, "l2")
+    if mode is not None:
+        cfg = read_section({"strength": cfg.strength, "mode": mode}, "l2")
+    return cfg.strength, cfg.mode
 
 
-def param_groups(
-    model: nn.Module, l2: L2Like | float, mode: str | None = None
-) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, l2: L2Section, mode: str | None = None) -> list[dict[str, Any]]:
     """Optimizer parameter groups implementing L2 regularization of strength λ.
 
     ``decoupled``: the decayed group gets ``weight_decay=λ`` (use an optimizer with decoupled
@@ -174,7 +224,9 @@ def param_groups(
 
     Args:
         model: The model whose parameters to group.
-        l2: An :class:`~droptune.config.L2Config` or a bare strength λ.
+        l2: The L2 section in any form: an :class:`~droptune.config.L2Config`, a whole
+            :class:`~droptune.config.RegularizationConfig`, the dict form of either
+            (``{"strength": 1e-4, "mode": "decoupled"}``), or a bare strength λ.
         mode: Overrides ``l2.mode`` (``decoupled`` or ``coupled``).
 
     Example:
@@ -193,7 +245,7 @@ def param_groups(
     ]
 
 
-def l2_penalty(model: nn.Module, l2: L2Like | float, mode: str | None = None) -> Tensor:
+def l2_penalty(model: nn.Module, l2: L2Section, mode: str | None = None) -> Tensor:
     """The coupled L2 penalty ``λ·Σw²`` over the decayed parameters (0 in decoupled mode).
 
     Example:

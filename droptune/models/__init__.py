@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 
 from droptune.models._custom import PlainModuleWrapper
 from droptune.models._custom import build_custom
@@ -27,15 +28,26 @@ __all__ = [
 ]
 
 
+def _example_input(datamodule: pl.LightningDataModule) -> Any:
+    """Two training inputs for :func:`droptune.apply`'s trace: from droptune's own splits, else
+    from the first batch of a user's DataModule (None when that has no tensor inputs; apply
+    then decides sites from registration order)."""
+    splits = getattr(datamodule, "splits", None)
+    if isinstance(splits, dict) and "train" in splits:
+        return splits["train"][0][:2]
+    try:
+        batch = next(iter(datamodule.train_dataloader()))
+    except Exception:  # an odd DataModule: the trace is an aid, not a requirement
+        return None
+    first = batch[0] if isinstance(batch, list | tuple) and batch else None
+    return first[:2] if isinstance(first, torch.Tensor) else None
+
+
 def build_module(config: TrainConfig, datamodule: pl.LightningDataModule) -> pl.LightningModule:
     """The LightningModule of ``config.model`` for the data of ``datamodule``."""
     from droptune.data import describe
 
     info = describe(datamodule)
     if config.model.family == "custom":
-        example: Any = None
-        splits = getattr(datamodule, "splits", None)
-        if isinstance(splits, dict) and "train" in splits:
-            example = splits["train"][0][:2]
-        return build_custom(config, info, example)
+        return build_custom(config, info, _example_input(datamodule))
     return RegularizedModule(config, info)

@@ -10,6 +10,7 @@ groups that the user's schedulers were built on).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,6 +21,7 @@ from torch import nn
 from droptune.config import TrainConfig
 from droptune.data import DataInfo
 from droptune.data._build import build_object
+from droptune.exceptions import ConfigError
 from droptune.layers import apply
 from droptune.layers import param_groups
 from droptune.models._module import make_optimizer
@@ -39,7 +41,7 @@ class PlainModuleWrapper(pl.LightningModule):
         self.info = info
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return _prediction(self.net(x))
 
     def _step(self, batch: Any, stage: str) -> Tensor:
         x, y = batch[0], batch[1]
@@ -72,6 +74,20 @@ class PlainModuleWrapper(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return make_optimizer(self.cfg, param_groups(self, 0.0))
+
+
+def _prediction(out: Any) -> Tensor:
+    """The tensor the loss is computed on: the output itself, or the ``logits`` of a mapping
+    (a Hugging Face ``ModelOutput`` is an ordered dict), so a library model returns as it
+    comes."""
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
+        return out["logits"]
+    if not isinstance(out, Tensor):
+        raise ConfigError(
+            f"model.target: a plain nn.Module must return a tensor or a mapping with 'logits' "
+            f"(a Hugging Face ModelOutput), got {type(out).__name__}"
+        )
+    return out
 
 
 def _zero_weight_decay(result: Any) -> Any:

@@ -141,3 +141,35 @@ def test_cli_population_run_on_cuda(tmp_path: Path) -> None:
     assert all(t.user_attrs["droptune.population"] == 8 for t in study.trials)
     assert {t.user_attrs["droptune.device"] for t in study.trials} <= {"0"}
     assert min(float(t.value or 0.0) for t in study.trials) > 0.8
+
+
+def test_apply_traces_a_cuda_model_and_leaves_its_random_state_alone() -> None:
+    """apply's trace runs a CUDA model in training mode: the CUDA generator is forked, the
+    BatchNorm statistics restored, the probability check runs on the device."""
+    from torch import nn
+
+    import droptune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.1),
+        nn.Flatten(), nn.Linear(8 * 8 * 8, 4), nn.Dropout(0.1),
+    ).cuda()  # fmt: skip
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    stats = model[1].running_mean.clone()
+    cuda_rng = torch.cuda.get_rng_state()
+    _, report = droptune.apply(
+        model,
+        {"dropout": {"kind": "spatial", "conv_rate": 0.2, "hidden_rate": 0.3}},
+        example_input=x,
+    )
+    assert report.sites() == {"3": "conv", "6": "hidden"}
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
+    assert torch.equal(model[1].running_mean, stats)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+        model.train()
+        assert not torch.equal(model(x), model(x))

@@ -493,7 +493,7 @@ def test_report_contents_and_table() -> None:
     assert report.paths() == ["net.2", "net.5", "net.8"]
     first, second, third = list(report)
     assert first == droptune.layers.Change(
-        "net.2", "conv", "Dropout2d(p=0.1, inplace=False)", "SpatialDropout(p=0.2)"
+        "net.2", "conv", "Dropout2d(p=0.1, inplace=False)", "SpatialDropout(p=0.2)", "spatial", 0.2
     )
     assert (second.before, second.after) == (
         "Dropout(p=0.1, inplace=False)",
@@ -730,3 +730,56 @@ def test_dropout_after_a_leading_flatten_is_the_input_site() -> None:
     _, report = droptune.apply(net, {"dropout": {"input_rate": 0.1, "hidden_rate": 0.4}})
     assert [(c.path, c.site) for c in report] == [("1", "input"), ("3", "hidden")]
     assert net[1].p == 0.1 and net[3].p == 0.4
+
+
+# ------------------------------------------------------------------------------------------
+# Models apply cannot fully understand: no crash
+
+
+def test_a_forward_the_example_cannot_run_falls_back_with_a_warning() -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.drop(self.fc(a + b))
+
+    model = TwoInputs()
+    with pytest.warns(droptune.exceptions.DroptuneWarning, match="TypeError"):
+        _, report = droptune.apply(
+            model, {"dropout": {"hidden_rate": 0.2}}, example_input=_images()
+        )
+    assert report.sites() == {"drop": "hidden"} and model.drop.p == 0.2
+    assert "registration order" in report.notes[0]
+    # No hook is left behind on the model.
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_scripted_children_and_dict_outputs_are_traced() -> None:
+    class DictOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+            return {"out": [self.drop(self.body(x))]}
+
+    import warnings
+
+    model = DictOut()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", droptune.exceptions.DroptuneWarning)
+        _, report = droptune.apply(
+            model,
+            {"dropout": {"input_rate": 0.1, "hidden_rate": 0.2}},
+            example_input=torch.ones(2, 4),
+        )
+    assert report.sites() == {"drop": "hidden"}  # after the scripted Linear
+
+
+def test_a_model_that_is_itself_a_dropout_module_is_left_alone() -> None:
+    model, report = droptune.apply(nn.Dropout(0.1), {"dropout": {"hidden_rate": 0.2}})
+    assert len(report) == 0 and model.p == 0.1

@@ -446,3 +446,15 @@ def test_custom_family_keeps_a_lightning_module_a_lightning_module() -> None:
     module = _custom(_USER_LM).build_module()
     assert isinstance(module, pl.LightningModule)
     assert not isinstance(module, PlainModuleWrapper)
+
+
+def test_plain_module_returning_a_mapping_with_logits_trains() -> None:
+    cfg = _custom("tests.user_code.models:DictOutputNet", train={"max_epochs": 1})
+    module = cfg.build_module()
+    assert isinstance(module, PlainModuleWrapper)
+    x = torch.randn(3, 64)
+    assert module(x).shape == (3, 10)
+    assert "val_loss" in fit(cfg, test=False).metrics
+    module.net.forward = lambda x: (x,)  # type: ignore[method-assign]
+    with pytest.raises(ConfigError, match="must return a tensor or a mapping with 'logits'"):
+        module(x)

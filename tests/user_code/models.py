@@ -96,3 +96,16 @@ class NotAModule:
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
+
+
+class DictOutputNet(nn.Module):
+    """A plain nn.Module that returns what Hugging Face models return: a mapping with
+    ``logits`` (and other entries)."""
+
+    def __init__(self, in_features: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, classes)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.fc(self.drop(x.flatten(1))), "features": x}
