@@ -105,6 +105,7 @@ def test_accuracies(configs: list[Any]) -> list[float]:
     from droptune.models import build_network
     from droptune.population import population_support
     from droptune.population import train_population
+    from droptune.training import build_datamodule
     from droptune.training import fit
 
     out: list[float] = [math.nan] * len(configs)
@@ -114,7 +115,7 @@ def test_accuracies(configs: list[Any]) -> list[float]:
     for indices in groups.values():
         members = [configs[i] for i in indices]
         if len(members) > 1 and population_support(members) is None:
-            data = members[0].build_datamodule()
+            data = build_datamodule(members[0])
             data.setup("fit")
             results = train_population(members, datamodule=data, return_weights=True)
             x, y = data.splits["test"]

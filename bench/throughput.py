@@ -152,6 +152,7 @@ def naive(scale: str, n_trials: int, device: str) -> dict[str, Any]:
     from torch.utils.data import TensorDataset
 
     from droptune.config import TrainConfig
+    from droptune.training import build_datamodule
 
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -161,7 +162,7 @@ def naive(scale: str, n_trials: int, device: str) -> dict[str, Any]:
     else:
         torch.set_float32_matmul_precision(spec["train"]["matmul_precision"])
     base = TrainConfig.from_dict({k: spec[k] for k in ("data", "model", "train")})
-    dm = base.build_datamodule()
+    dm = build_datamodule(base)
     (xt, yt), (xv, yv) = dm.splits["train"], dm.splits["val"]
     train = DataLoader(TensorDataset(xt, yt), batch_size=spec["data"]["batch_size"], shuffle=True)
     val = DataLoader(TensorDataset(xv, yv), batch_size=spec["data"]["batch_size"])
@@ -269,12 +270,13 @@ def pure(scale: str, size: int, device: str) -> dict[str, Any]:
 
     from droptune.config import TrainConfig
     from droptune.population import train_population
+    from droptune.training import build_datamodule
 
     spec = make_spec(scale, "pure", size, device, Path("."))
     base = TrainConfig.from_dict(
         {k: spec[k] for k in ("data", "model", "train", "regularization")}
     )
-    data = base.build_datamodule()
+    data = build_datamodule(base)
     rng = random.Random(0)
 
     def members() -> list[TrainConfig]:

@@ -5,8 +5,8 @@ The public API is small on purpose::
     import droptune
 
     model, report = droptune.apply(my_model, {"dropout": {"kind": "standard", "hidden_rate": 0.3}})
-    config = droptune.load_best("digits-mlp", "sqlite:///runs/digits-mlp/droptune.db")
-    trainer = config.build_trainer()
+    config = droptune.load_best("digits-mlp")
+    trainer = droptune.build_trainer(config)
 
 Layers, constraints and MC prediction live in :mod:`droptune.layers`; configuration objects in
 :mod:`droptune.config`; errors in :mod:`droptune.exceptions`; the study runner in
@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 from droptune._lazy import lazy_exports
 from droptune.config import RegularizationConfig
 from droptune.config import TrainConfig
-from droptune.config import load_config
 from droptune.exceptions import ConfigError
 from droptune.exceptions import DroptuneError
 from droptune.exceptions import SpecError
 from droptune.exceptions import StorageError
 from droptune.export import load_best
+from droptune.export import load_config
 from droptune.kinds import DROPOUT_KINDS
 
 
@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from droptune.layers import max_norm_
     from droptune.layers import mc_predict
     from droptune.layers import param_groups
+    from droptune.training import build_datamodule
+    from droptune.training import build_module
+    from droptune.training import build_trainer
 
 __version__ = "0.1.0"
 
@@ -43,10 +46,15 @@ if not TYPE_CHECKING:  # mypy sees the imports above, and flags a misspelled nam
     # (``droptune status``, ``run``'s own process) never import.
     __getattr__, __dir__ = lazy_exports(
         __name__,
-        dict.fromkeys(
-            ("apply", "make_dropout", "max_norm_", "mc_predict", "param_groups"),
-            "droptune.layers",
-        ),
+        {
+            **dict.fromkeys(
+                ("apply", "make_dropout", "max_norm_", "mc_predict", "param_groups"),
+                "droptune.layers",
+            ),
+            **dict.fromkeys(
+                ("build_datamodule", "build_module", "build_trainer"), "droptune.training"
+            ),
+        },
     )
 
 
@@ -68,6 +76,9 @@ __all__ = [
     "TrainConfig",
     "__version__",
     "apply",
+    "build_datamodule",
+    "build_module",
+    "build_trainer",
     "load_best",
     "load_checkpoint",
     "load_config",

@@ -418,29 +418,34 @@ class TrainConfig(StrictModel):
             set_path(merged, path, value)
         return TrainConfig.from_dict(merged)
 
+    # Building belongs to the layers that own data, models and training; these methods stay
+    # one release for code written against them.
     def build_datamodule(self) -> Any:
-        """The LightningDataModule for :attr:`data` (see :mod:`droptune.data`)."""
-        from droptune.data import build_datamodule
-
-        return build_datamodule(self)
+        """Deprecated: use :func:`droptune.build_datamodule` (``droptune.training``)."""
+        return _deprecated("build_datamodule")(self)
 
     def build_module(self, datamodule: Any = None) -> Any:
-        """The LightningModule for :attr:`model` with :attr:`regularization` applied, its
-        weights initialised from ``train.seed``."""
-        import pytorch_lightning as pl
-
-        from droptune.models import build_module
-
-        pl.seed_everything(self.train.seed, workers=True, verbose=False)
-        return build_module(
-            self, datamodule if datamodule is not None else self.build_datamodule()
-        )
+        """Deprecated: use :func:`droptune.build_module` (``droptune.training``)."""
+        return _deprecated("build_module")(self, datamodule)
 
     def build_trainer(self, **overrides: Any) -> Any:
-        """A ``pytorch_lightning.Trainer`` with early stopping, max-norm and L2 callbacks."""
-        from droptune.training import build_trainer
+        """Deprecated: use :func:`droptune.build_trainer` (``droptune.training``)."""
+        return _deprecated("build_trainer")(self, **overrides)
 
-        return build_trainer(self, **overrides)
+
+def _deprecated(name: str) -> Any:
+    """``droptune.training.<name>``, with the DeprecationWarning of ``TrainConfig.<name>``."""
+    import warnings
+
+    import droptune.training  # the one import up the layers (see docs/design.md)
+
+    warnings.warn(
+        f"TrainConfig.{name}() is deprecated and will be removed in droptune 0.3; use "
+        f"droptune.{name}(config, ...)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return getattr(droptune.training, name)
 
 
 def _is_import_path(value: str | None) -> bool:
@@ -547,27 +552,6 @@ def load_yaml_mapping(text: str, what: str = "document") -> dict[str, Any]:
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 
-def _mlflow_artifact_text(uri: str) -> str:
-    import tempfile
-
-    import mlflow
-
-    from droptune.storage import mask_text
-
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(
-                f"config {uri!r} could not be fetched from MLflow at "
-                f"{mask_text(mlflow.get_tracking_uri())!r}: {mask_text(reason)[:300]}"
-            ) from None
-        if local.is_dir():
-            raise ConfigError(f"config {uri!r} is a folder of artifacts; name the YAML file")
-        return local.read_text()
-
-
 def why_not_a_file(path: Path) -> str:
     """Why ``path`` is not a file one can read, for an error message."""
     if path.is_dir():
@@ -576,18 +560,14 @@ def why_not_a_file(path: Path) -> str:
 
 
 def load_config(source: str | Path | dict[str, Any]) -> TrainConfig:
-    """Load a :class:`TrainConfig` from a YAML file path, a dict, or an MLflow artifact such as
-    ``runs:/<run_id>/best_config.yaml`` (the study's parent run holds the best config; the
-    tracking server is ``$MLFLOW_TRACKING_URI``).
-
-    Example:
-        >>> load_config({"model": {"family": "mlp", "hidden": [32]}}).model.hidden
-        [32]
-    """
+    """A :class:`TrainConfig` from a dict or a YAML file; an MLflow artifact URI is fetched
+    by :func:`droptune.export.load_config` (``droptune.load_config``)."""
     if isinstance(source, dict):
         return TrainConfig.from_dict(source)
     if isinstance(source, str) and source.startswith(MLFLOW_SCHEMES):
-        return TrainConfig.from_yaml(_mlflow_artifact_text(source))
+        from droptune.export import load_config as from_mlflow  # up the layers: docs/design.md
+
+        return from_mlflow(source)
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} {why_not_a_file(path)}")

@@ -7,15 +7,15 @@ trial's own training seed, without any ``search`` — exactly what the trial tra
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from droptune.config import MLFLOW_SCHEMES
 from droptune.config import TrainConfig
-from droptune.config import load_config
+from droptune.config import load_config as _load_local
 from droptune.exceptions import ConfigError
 from droptune.exceptions import StorageError
-from droptune.records import OVERRIDES_ATTR
-from droptune.records import SEED_ATTR
-from droptune.records import SPEC_ATTR
+from droptune.study.spec import trial_config
 
 
 __all__ = ["best_trial", "load_best", "load_config", "load_study", "trial_config"]
@@ -37,25 +37,6 @@ def load_study(study_name: str, storage: str) -> Any:
             f"no study {study_name!r} in {mask_url(storage)!r}; studies there: "
             f"{', '.join(names) or 'none'}"
         ) from None
-
-
-def trial_config(study: Any, trial: Any) -> TrainConfig:
-    """The full TrainConfig one trial trained (spec defaults + its params + its seed)."""
-    from droptune.study.spec import spec_from_dict
-
-    raw = study.user_attrs.get(SPEC_ATTR)
-    if raw is None:
-        raise ConfigError(
-            f"study {study.study_name!r} was not created by droptune (no {SPEC_ATTR} attribute)"
-        )
-    base = spec_from_dict(raw, recorded=True).base
-    overrides: dict[str, Any] = dict(trial.params)
-    seed = trial.user_attrs.get(SEED_ATTR)
-    if seed is not None:
-        overrides["train.seed"] = int(seed)
-    # What the trial changed itself, e.g. a halved batch size after running out of memory.
-    overrides.update(trial.user_attrs.get(OVERRIDES_ATTR) or {})
-    return base.with_overrides(overrides)
 
 
 def best_trial(study: Any) -> Any:
@@ -82,13 +63,13 @@ def best_trial(study: Any) -> Any:
 
 def load_best(study_name: str, storage: str | None = None) -> TrainConfig:
     """The best trial's full training config (the confirmed best when the study was
-    confirmed), ready for ``build_module``/``build_trainer``. The storage defaults to
+    confirmed), ready for ``droptune.build_module``/``build_trainer``. The storage defaults to
     ``$DROPTUNE_STORAGE``, else the study's local ``runs/<study>/droptune.db``.
 
     Example:
         >>> url = "sqlite:///runs/digits-mlp/droptune.db"
         >>> cfg = load_best("digits-mlp", url)  # doctest: +SKIP
-        >>> trainer = cfg.build_trainer()  # doctest: +SKIP
+        >>> trainer = droptune.build_trainer(cfg)  # doctest: +SKIP
     """
     if storage is None:
         import os
@@ -98,3 +79,38 @@ def load_best(study_name: str, storage: str | None = None) -> TrainConfig:
         storage = os.environ.get("DROPTUNE_STORAGE") or default_url(study_name)
     study = load_study(study_name, storage)
     return trial_config(study, best_trial(study))
+
+
+def load_config(source: str | Path | dict[str, Any]) -> TrainConfig:
+    """Load a :class:`TrainConfig` from a YAML file path, a dict, or an MLflow artifact such as
+    ``runs:/<run_id>/best_config.yaml`` (the study's parent run holds the best config; the
+    tracking server is ``$MLFLOW_TRACKING_URI``).
+
+    Example:
+        >>> load_config({"model": {"family": "mlp", "hidden": [32]}}).model.hidden
+        [32]
+    """
+    if isinstance(source, str) and source.startswith(MLFLOW_SCHEMES):
+        return TrainConfig.from_yaml(_mlflow_artifact_text(source))
+    return _load_local(source)
+
+
+def _mlflow_artifact_text(uri: str) -> str:
+    import tempfile
+
+    import mlflow
+
+    from droptune.storage import mask_text
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(
+                f"config {uri!r} could not be fetched from MLflow at "
+                f"{mask_text(mlflow.get_tracking_uri())!r}: {mask_text(reason)[:300]}"
+            ) from None
+        if local.is_dir():
+            raise ConfigError(f"config {uri!r} is a folder of artifacts; name the YAML file")
+        return local.read_text()

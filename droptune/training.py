@@ -16,11 +16,21 @@ import torch
 from torch import nn
 
 from droptune.config import TrainConfig
+from droptune.data import build_datamodule
 from droptune.layers import decay_split
 from droptune.layers import max_norm_
+from droptune.models import build_module as _build_module
 
 
-__all__ = ["FitResult", "RegularizationCallback", "build_trainer", "fit", "load_checkpoint"]
+__all__ = [
+    "FitResult",
+    "RegularizationCallback",
+    "build_datamodule",
+    "build_module",
+    "build_trainer",
+    "fit",
+    "load_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +97,15 @@ class RegularizationCallback(pl.Callback):
     ) -> None:
         if self.reg.max_norm is not None:
             max_norm_(pl_module, self.reg.max_norm)
+
+
+def build_module(config: TrainConfig, datamodule: Any = None) -> pl.LightningModule:
+    """The LightningModule of ``config.model`` with ``config.regularization`` applied, its
+    weights initialised from ``train.seed`` (the data is built when not given)."""
+    pl.seed_everything(config.train.seed, workers=True, verbose=False)
+    return _build_module(
+        config, datamodule if datamodule is not None else build_datamodule(config)
+    )
 
 
 def build_trainer(config: TrainConfig, **overrides: Any) -> pl.Trainer:
@@ -165,8 +184,8 @@ def fit(
     if config.train.matmul_precision is not None:
         torch.set_float32_matmul_precision(config.train.matmul_precision)
     pl.seed_everything(config.train.seed, workers=True, verbose=False)
-    datamodule = config.build_datamodule()
-    module = config.build_module(datamodule)
+    datamodule = build_datamodule(config)
+    module = build_module(config, datamodule)
     monitor = config.regularization.early_stopping.monitor
     stopping = config.regularization.early_stopping
     tracker = _BestTracker(monitor, stopping.resolved_mode, keep=stopping.restores)

@@ -49,9 +49,9 @@ def main() -> None:
     print("tuned regularization:", config.regularization.to_dict())
 
     # 1. Rebuild exactly what the study trained.
-    datamodule = config.build_datamodule()
-    module = config.build_module(datamodule)
-    trainer = config.build_trainer()
+    datamodule = droptune.build_datamodule(config)
+    module = droptune.build_module(config, datamodule)
+    trainer = droptune.build_trainer(config)
     trainer.fit(module, datamodule=datamodule)
     print(f"droptune model: val_acc={float(trainer.callback_metrics['val_acc']):.3f}")
 
@@ -66,7 +66,7 @@ def main() -> None:
         return torch.optim.AdamW(droptune.param_groups(mine, l2), lr=1e-3)
 
     mine.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
-    trainer = config.build_trainer()  # early stopping with the tuned patience, max-norm
+    trainer = droptune.build_trainer(config)  # early stopping with the tuned patience, max-norm
     trainer.fit(mine, datamodule=datamodule)
     print(f"your model: val_acc={float(trainer.callback_metrics['val_acc']):.3f}")
 

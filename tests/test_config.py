@@ -378,3 +378,27 @@ def test_rate_is_zero_for_kind_none() -> None:
 )
 def test_resolved_mode(monitor: str, mode: str, expected: str) -> None:
     assert EarlyStoppingConfig(monitor=monitor, mode=mode).resolved_mode == expected  # type: ignore[arg-type]
+
+
+def test_the_build_methods_are_deprecated_shims_of_droptune_training() -> None:
+    """``TrainConfig.build_*`` stay one release: they warn and give what
+    ``droptune.build_*(config)`` gives."""
+    import pytorch_lightning as pl
+
+    import droptune
+    from droptune.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(
+        {"data": {"name": "digits", "train_subset": 64}, "model": {"hidden": [8]}}
+    )
+    with pytest.warns(DeprecationWarning, match=r"droptune\.build_datamodule\(config"):
+        data = cfg.build_datamodule()
+    with pytest.warns(DeprecationWarning, match="build_module"):
+        module = cfg.build_module(data)
+    with pytest.warns(DeprecationWarning, match="build_trainer"):
+        trainer = cfg.build_trainer(max_epochs=1)
+    assert isinstance(trainer, pl.Trainer) and trainer.max_epochs == 1
+    fresh = droptune.build_module(cfg, droptune.build_datamodule(cfg))
+    assert type(fresh) is type(module)
+    for a, b in zip(fresh.parameters(), module.parameters(), strict=True):
+        assert a.shape == b.shape and bool((a == b).all())  # both seeded from train.seed

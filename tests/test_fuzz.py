@@ -70,6 +70,8 @@ from droptune.study.spec import StudySpec
 from droptune.study.spec import TrackingSection
 from droptune.study.spec import load_spec
 from droptune.study.spec import spec_from_dict
+from droptune.training import build_datamodule
+from droptune.training import build_module
 from tests.study.helpers import TINY
 
 
@@ -1267,5 +1269,5 @@ def test_config_import_path_to_other_callable_is_never_called(
         config["data"] = {"name": "synthetic", "n_samples": 50}
     with pytest.raises(ConfigError, match=f"{section}.{field}"):
         cfg = load_config(config)
-        cfg.build_module(cfg.build_datamodule())
+        build_module(cfg, build_datamodule(cfg))
     assert not (tmp_path / "PWNED").exists()

@@ -20,6 +20,8 @@ from droptune.layers import decay_split
 from droptune.models import PlainModuleWrapper
 from droptune.models import RegularizedModule
 from droptune.training import RegularizationCallback
+from droptune.training import build_datamodule
+from droptune.training import build_module
 from droptune.training import build_trainer
 from droptune.training import fit
 from tests.helpers import Recorder
@@ -237,9 +239,9 @@ L2_CASES: list[tuple[str, Any, float, bool, list[float]]] = [
 
 
 def _build(cfg: TrainConfig) -> tuple[pl.LightningModule, Any]:
-    dm = cfg.build_datamodule()
+    dm = build_datamodule(cfg)
     if cfg.model.family == "custom":
-        return cfg.build_module(dm), dm
+        return build_module(cfg, dm), dm
     return FrozenModule(cfg, describe(dm)), dm
 
 
@@ -280,7 +282,7 @@ def test_l2_shrinks_exactly_the_decayed_weights(
 def test_coupled_penalty_is_added_to_the_builtin_training_loss() -> None:
     cfg = _builtin("adamw", "coupled", _LAMBDA)
     plain = _builtin("adamw", "coupled", 0.0)
-    dm = cfg.build_datamodule()
+    dm = build_datamodule(cfg)
     module = RegularizedModule(cfg, describe(dm))
     reference = RegularizedModule(plain, describe(dm))
     reference.load_state_dict(module.state_dict())
@@ -307,13 +309,13 @@ def test_callback_applies_l2_only_where_nothing_else_does(
     optimizer: str, mode: str, expected: str | None
 ) -> None:
     cfg = _builtin(optimizer, mode, _LAMBDA)
-    module = RegularizedModule(cfg, describe(cfg.build_datamodule()))
+    module = RegularizedModule(cfg, describe(build_datamodule(cfg)))
     callback = RegularizationCallback(cfg)
     assert callback._l2_here(module) == expected
     user = cfg.with_overrides(
         {"model": {"family": "custom", "target": _USER_LM}, "data.train_subset": None}
     )
-    user_module = user.build_module()
+    user_module = build_module(user)
     assert isinstance(user_module, UserClassifier)
     assert RegularizationCallback(user)._l2_here(user_module) == mode
     off = cfg.with_overrides({"regularization.l2.strength": 0.0})
@@ -322,7 +324,7 @@ def test_callback_applies_l2_only_where_nothing_else_does(
 
 def test_plain_wrapper_optimizer_has_no_weight_decay() -> None:
     cfg = _custom(_USER_NET, "decoupled", _LAMBDA, train={"optimizer": "adamw"})
-    module = cfg.build_module()
+    module = build_module(cfg)
     assert isinstance(module, PlainModuleWrapper)
     optimizer = module.configure_optimizers()
     assert isinstance(optimizer, torch.optim.AdamW)
@@ -416,7 +418,7 @@ def test_matmul_precision_is_applied_and_validated() -> None:
 
 
 def _val_loss(module: Any, cfg: TrainConfig) -> float:
-    data = cfg.build_datamodule()
+    data = build_datamodule(cfg)
     data.setup("fit")
     x, y = data.splits["val"]
     module.eval()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from droptune.config import EarlyStoppingConfig
 from droptune.config import TrainConfig
 from droptune.data import TensorDataModule
+from droptune.data import build_datamodule
 from droptune.exceptions import ConfigError
 from droptune.population._networks import PopulationNetwork
 from droptune.population._networks import build_population
@@ -365,7 +366,7 @@ def train_population(
         deadline: A ``time.time()`` value; once passed, training stops (checked before every
             step; a partial epoch is dropped) and the members still training are
             ``timed_out``.
-        datamodule: The shared data, if already built (``configs[0].build_datamodule()``); its
+        datamodule: The shared data, if already built (``build_datamodule(configs[0])``); its
             splits may already sit on ``device``.
         compact: Remove finished members from the stacks when at most this fraction of the
             current rows is still training (1.0: as soon as one finishes; 0: never, finished
@@ -390,7 +391,7 @@ def train_population(
     if first.train.matmul_precision is not None:
         torch.set_float32_matmul_precision(first.train.matmul_precision)
     target = _device(first, device)
-    data = datamodule if datamodule is not None else first.build_datamodule()
+    data = datamodule if datamodule is not None else build_datamodule(first)
     if not isinstance(data, TensorDataModule):
         raise ConfigError(
             f"data: a population needs droptune's in-memory data, got {type(data).__name__}"

@@ -170,9 +170,9 @@ def confirm_study(
     """
     from optuna.trial import TrialState
 
-    from droptune.export import trial_config
     from droptune.study.objective import trial_seed
     from droptune.study.spec import spec_from_dict
+    from droptune.study.spec import trial_config
 
     if top_k < 1:
         raise SpecError(f"--top-k: must be >= 1, got {top_k}")

@@ -33,6 +33,7 @@ import optuna
 from optuna.trial import TrialState
 
 from droptune import timing
+from droptune.data import build_datamodule
 from droptune.records import BASELINE_ATTR
 from droptune.records import FAIL_REASON_ATTR
 from droptune.records import POPULATION_ATTR
@@ -385,7 +386,7 @@ def _data(objective: Objective, group: list[Member]) -> Any:
     cached = objective.population_data
     if cached is not None and cached[0] == key:
         return cached[1]
-    datamodule = config.build_datamodule()
+    datamodule = build_datamodule(config)
     objective.population_data = (key, datamodule)
     return datamodule
 

@@ -29,6 +29,9 @@ from droptune.config import load_yaml_mapping
 from droptune.config import why_not_a_file
 from droptune.exceptions import ConfigError
 from droptune.exceptions import SpecError
+from droptune.records import OVERRIDES_ATTR
+from droptune.records import SEED_ATTR
+from droptune.records import SPEC_ATTR
 from droptune.storage import STUDY_NAME_PATTERN
 
 
@@ -491,3 +494,20 @@ def import_user_code(config: TrainConfig, roots: Sequence[str] = ()) -> None:
         if not (isinstance(obj, type) and issubclass(obj, expected)):
             kind = f"class {obj.__name__}" if isinstance(obj, type) else type(obj).__name__
             raise SpecError(f"{field}: {path!r} is a {kind}, not a subclass of {what}")
+
+
+def trial_config(study: Any, trial: Any) -> TrainConfig:
+    """The full TrainConfig one trial trained (spec defaults + its params + its seed)."""
+    raw = study.user_attrs.get(SPEC_ATTR)
+    if raw is None:
+        raise ConfigError(
+            f"study {study.study_name!r} was not created by droptune (no {SPEC_ATTR} attribute)"
+        )
+    base = spec_from_dict(raw, recorded=True).base
+    overrides: dict[str, Any] = dict(trial.params)
+    seed = trial.user_attrs.get(SEED_ATTR)
+    if seed is not None:
+        overrides["train.seed"] = int(seed)
+    # What the trial changed itself, e.g. a halved batch size after running out of memory.
+    overrides.update(trial.user_attrs.get(OVERRIDES_ATTR) or {})
+    return base.with_overrides(overrides)

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from droptune import training
 from droptune.config import TrainConfig
 from droptune.data import DataInfo
 from droptune.data import build_datamodule
@@ -307,7 +308,7 @@ def _custom(target: str, **sections: Any) -> TrainConfig:
 
 def test_user_lightning_module_gets_its_dropout_swapped() -> None:
     cfg = _custom(_USER_LM)
-    module = cfg.build_module()
+    module = training.build_module(cfg)
     assert type(module) is UserClassifier
     net = module.net
     assert isinstance(net[1], GaussianDropout) and net[1].p == 0.1  # input site
@@ -316,7 +317,7 @@ def test_user_lightning_module_gets_its_dropout_swapped() -> None:
 
 
 def test_user_optimizer_loses_its_weight_decay_but_keeps_its_scheduler() -> None:
-    module = _custom(_USER_LM, model={"kwargs": {"weight_decay": 0.25}}).build_module()
+    module = training.build_module(_custom(_USER_LM, model={"kwargs": {"weight_decay": 0.25}}))
     assert module._droptune_owns_l2 is True
     result = module.configure_optimizers()
     optimizer = result["optimizer"]
@@ -329,7 +330,7 @@ def test_user_optimizer_loses_its_weight_decay_but_keeps_its_scheduler() -> None
 
 def test_user_model_kwargs_are_passed() -> None:
     cfg = _custom(_USER_LM, model={"kwargs": {"hidden": 5, "lr": 0.5}})
-    module = cfg.build_module()
+    module = training.build_module(cfg)
     assert module.net[2].out_features == 5 and module.lr == 0.5
 
 
@@ -362,7 +363,7 @@ def test_user_lightning_module_learns() -> None:
 
 def test_plain_module_trains_through_the_wrapper() -> None:
     cfg = _custom(_USER_NET, train={"max_epochs": 3, "lr": 1e-2})
-    module = cfg.build_module()
+    module = training.build_module(cfg)
     assert isinstance(module, PlainModuleWrapper)
     assert type(module.net) is UserMLP
     assert isinstance(module.net.body[3], GaussianDropout) and module.net.body[3].p == 0.3
@@ -434,7 +435,7 @@ def test_bad_custom_target_names_the_field(
 ) -> None:
     cfg = config(model={"family": "custom", "target": target, "kwargs": kwargs})
     with pytest.raises(ConfigError, match=match):
-        cfg.build_module()
+        training.build_module(cfg)
 
 
 def test_custom_without_an_import_path_is_rejected_at_validation() -> None:
@@ -443,14 +444,14 @@ def test_custom_without_an_import_path_is_rejected_at_validation() -> None:
 
 
 def test_custom_family_keeps_a_lightning_module_a_lightning_module() -> None:
-    module = _custom(_USER_LM).build_module()
+    module = training.build_module(_custom(_USER_LM))
     assert isinstance(module, pl.LightningModule)
     assert not isinstance(module, PlainModuleWrapper)
 
 
 def test_plain_module_returning_a_mapping_with_logits_trains() -> None:
     cfg = _custom("tests.user_code.models:DictOutputNet", train={"max_epochs": 1})
-    module = cfg.build_module()
+    module = training.build_module(cfg)
     assert isinstance(module, PlainModuleWrapper)
     x = torch.randn(3, 64)
     assert module(x).shape == (3, 10)

@@ -16,6 +16,8 @@ from droptune.data import DataInfo
 from droptune.models import build_network
 from droptune.population import PopulationNetwork
 from droptune.population import build_population
+from droptune.training import build_datamodule
+from droptune.training import build_module
 from tests.layers._stats import assert_fraction
 from tests.population._helpers import member
 
@@ -92,7 +94,7 @@ def population_configs(sections: dict[str, Any], rates: list[float] = RATES) -> 
 
 
 def data_of(cfg: TrainConfig) -> tuple[DataInfo, Tensor]:
-    datamodule = cfg.build_datamodule()
+    datamodule = build_datamodule(cfg)
     return datamodule.info, datamodule.splits["val"][0][:40]
 
 
@@ -133,7 +135,7 @@ def test_initial_weights_are_the_single_paths_for_each_seed(name: str) -> None:
     population = build_population(configs, info)
     assert torch.equal(torch.random.get_rng_state(), state), "the caller's RNG moved"
     for index, cfg in enumerate(configs):
-        module = cfg.build_module()  # what fit() trains: seeded from train.seed
+        module = build_module(cfg)  # what fit() trains: seeded from train.seed
         expected = module.net.state_dict()
         got = population.member_state_dict(index)
         assert set(got) == set(expected)

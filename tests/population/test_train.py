@@ -22,6 +22,7 @@ from droptune.population import MemberResult
 from droptune.population import train_population
 from droptune.population._train import EarlyStopper
 from droptune.population._train import _Run
+from droptune.training import build_datamodule
 from tests.population._helpers import member
 from tests.population._helpers import members
 from tests.population._helpers import quiet_fit
@@ -260,7 +261,7 @@ def test_a_frozen_member_is_bit_identical_after_more_training() -> None:
             "max_norm": 1.0,
         },
     )
-    datamodule = configs[0].build_datamodule()
+    datamodule = build_datamodule(configs[0])
     run = _Run(configs, torch.device("cpu"), datamodule, compact=0.0)
     run.train_epoch(0, None)
     run.active[1] = False
@@ -296,7 +297,7 @@ def test_returned_weights_reproduce_the_last_validation() -> None:
     configs = members(range(2), model={"family": "mlp", "hidden": [16]}, train={"max_epochs": 2})
     configs[1] = configs[1].with_overrides({"regularization.dropout.weight_rate": 0.3})
     results = train_population(configs, return_weights=True)
-    datamodule = configs[0].build_datamodule()
+    datamodule = build_datamodule(configs[0])
     x, y = datamodule.splits["val"]
     for cfg, result in zip(configs, results, strict=True):
         net = build_network(cfg, datamodule.info)
@@ -393,7 +394,7 @@ def test_returned_weights_are_the_best_epochs_like_fit() -> None:
         for seed in (0, 1)
     ]  # fmt: skip
     results = train_population(configs, return_weights=True)
-    data = configs[0].build_datamodule()
+    data = build_datamodule(configs[0])
     data.setup("fit")
     x, y = data.splits["val"]
     for cfg, result in zip(configs, results, strict=True):

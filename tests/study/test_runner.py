@@ -26,6 +26,9 @@ from droptune.study.objective import trial_seed
 from droptune.study.space import KIND_PATH
 from droptune.study.space import baseline_params
 from droptune.study.spec import load_spec
+from droptune.training import build_datamodule
+from droptune.training import build_module
+from droptune.training import build_trainer
 from tests.study.helpers import DELETE
 from tests.study.helpers import TINY
 from tests.study.helpers import Procs
@@ -212,9 +215,9 @@ def test_load_best_gives_a_config_that_builds_and_trains(study: Study) -> None:
     best = optuna.load_study(study_name=study.name, storage=study.url).best_trial
     assert cfg.train.seed == trial_seed(study.seed, best.number)
     assert cfg.regularization.dropout.kind == best.params[KIND_PATH]
-    datamodule = cfg.build_datamodule()
-    module = cfg.build_module(datamodule)
-    trainer = cfg.build_trainer(max_epochs=1)
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    trainer = build_trainer(cfg, max_epochs=1)
     trainer.fit(module, datamodule=datamodule)
     assert trainer.current_epoch == 1
     assert math.isfinite(float(trainer.callback_metrics["val_loss"]))
