@@ -107,13 +107,12 @@ def _load_train_config(path: Path) -> Any:
             "regularization (an exported best config or a study spec has them)"
         )
     config = TrainConfig.from_dict(fixed)
+    from droptune.study.spec import code_folder
     from droptune.study.spec import import_user_code
     from droptune.study.spec import names_user_code
 
     if names_user_code(config):  # from the environment or the config's folder (its code_dir)
-        code_dir = data.get("code_dir")
-        folder = (path.parent / (code_dir if isinstance(code_dir, str) else ".")).resolve()
-        import_user_code(config, [str(folder)] if folder.is_dir() else [])
+        import_user_code(config, [str(code_folder(path, data.get("code_dir")))])
     return config
 
 
@@ -184,7 +183,16 @@ def train(
     except ConfigError as exc:
         raise ConfigError(f"{config}: {exc}") from None
     out = _output_dir(output or Path("runs") / f"train-{datetime.now():%Y%m%d-%H%M%S}", "--output")
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    from droptune.study.spec import code_folder
+    from droptune.study.spec import names_user_code
+
+    saved = cfg.to_yaml()
+    if names_user_code(cfg):  # the folder the user code came from, for a re-run from here
+        from droptune.config import load_yaml_mapping
+
+        code_dir = load_yaml_mapping(config.read_text(), what=str(config)).get("code_dir")
+        saved = f"code_dir: {json.dumps(str(code_folder(config, code_dir)))}\n{saved}"
+    (out / "config.yaml").write_text(saved)
     _quiet_lightning()
     from droptune.training import fit
 
@@ -533,9 +541,13 @@ def _best_config_text(storage: str | None, study: str, fmt: str) -> tuple[str, s
     else:
         note = f"trial {chosen.number}: the best value, not confirmed"
     cfg = trial_config(opened, chosen)
+    data = cfg.to_dict()
+    code_dir = (opened.user_attrs.get(SPEC_ATTR) or {}).get("code_dir")
+    if code_dir:  # where the study imported the user's model or DataModule from
+        data = {"code_dir": code_dir, **data}
     if fmt == "json":
-        return json.dumps(cfg.to_dict(), indent=2) + "\n", note
-    return cfg.to_yaml(), note
+        return json.dumps(data, indent=2) + "\n", note
+    return (f"code_dir: {json.dumps(code_dir)}\n" if code_dir else "") + cfg.to_yaml(), note
 
 
 @app.command()

@@ -571,4 +571,6 @@ def load_config(source: str | Path | dict[str, Any]) -> TrainConfig:
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} {why_not_a_file(path)}")
-    return TrainConfig.from_yaml(path.read_text())
+    data = load_yaml_mapping(path.read_text(), what=str(path))
+    data.pop("code_dir", None)  # where `droptune train` imports user code from (an export's)
+    return TrainConfig.from_dict(data)

@@ -313,6 +313,23 @@ def test_user_code_is_imported_from_the_environment_or_the_specs_folder_only(
     assert [t.state.name for t in study.trials] == ["COMPLETE"]
     assert study.user_attrs["droptune.spec"]["code_dir"] == str(specs.resolve())
 
+    # the exported best config carries that folder: `train` finds the model from anywhere,
+    # and the config it saves can be trained again
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = _console(
+        ["export", "--study", "tiny", "--storage", db, "-o", str(elsewhere / "best.yaml")], cwd
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (elsewhere / "best.yaml").read_text().startswith("code_dir: ")
+    for config in (elsewhere / "best.yaml", tmp_path / "t1" / "config.yaml"):
+        out = tmp_path / ("t1" if config.parent == elsewhere else "t2")
+        done = _console(["train", str(config), "--max-epochs", "1", "--output", str(out)], cwd)
+        assert done.returncode == 0, done.stderr[-2000:]
+    from droptune import load_config
+
+    assert load_config(tmp_path / "t2" / "config.yaml").model.target == "zz_droptune_usermod:Net"
+
     # code_dir names another folder, relative to the spec file; a missing one is refused
     (specs / "zz_droptune_usermod.py").unlink()
     (code / "zz_droptune_usermod.py").write_text(_USER_MODULE)

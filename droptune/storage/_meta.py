@@ -3,8 +3,9 @@ key): the study's recorded trial budget, its MLflow parent run, links of runs cr
 their trial ended. Claims go through the table's primary key, so exactly one process of many
 creates a value (:func:`claim_once`).
 
-One SQLAlchemy engine per storage URL serves every call of a process (a few are kept, the
-least recently used disposed), and the table is created once per engine.
+One SQLAlchemy engine per store serves every call of a process (a few are kept, the least
+recently used disposed); it pools no connection, and the table is created once per engine (again
+if the database was replaced meanwhile).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 import logging
+from pathlib import Path
 import threading
 import time
 from typing import Any
@@ -38,21 +40,39 @@ _meta = sa.Table(
 #: Engines kept per process (a worker uses one storage; tests and tools open many in turn).
 _KEEP = 4
 _engines: OrderedDict[str, sa.Engine] = OrderedDict()
+_made: set[str] = set()
 _lock = threading.Lock()
 
 
+def _key(url: str) -> str:
+    """The store ``url`` names: an SQLite file by its absolute path (a relative URL names
+    another file after a change of working directory)."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return parsed.set(database=str(Path(parsed.database).resolve())).render_as_string(
+            hide_password=False
+        )
+    return url
+
+
 def _engine(url: str) -> sa.Engine:
-    """The engine of ``url`` with the table in place, made once per process."""
+    """The engine of ``url``'s store with the table in place, made once per process. It pools
+    no connection (``NullPool``): each call connects, so a replaced SQLite file is the one
+    read, and an idle worker holds no PostgreSQL connection."""
+    key = _key(url)
     with _lock:
-        engine = _engines.pop(url, None)
+        engine = _engines.pop(key, None)
         if engine is None:
-            engine = sa.create_engine(url, **engine_kwargs(url))
-            create_tables(_metadata, engine)
-        _engines[url] = engine
+            engine = sa.create_engine(key, poolclass=sa.pool.NullPool, **engine_kwargs(key))
+        _engines[key] = engine
         while len(_engines) > _KEEP:
-            _, old = _engines.popitem(last=False)
-            old.dispose()
-        return engine
+            old, dropped = _engines.popitem(last=False)
+            _made.discard(old)
+            dropped.dispose()
+    if key not in _made:  # outside the lock: a slow connect does not block other threads
+        create_tables(_metadata, engine)
+        _made.add(key)
+    return engine
 
 
 def _recreating(function: Callable[..., Any]) -> Callable[..., Any]:

@@ -139,7 +139,8 @@ def create_study(
     if SPEC_ATTR not in study.user_attrs:
         recorded = spec.to_dict()
         # keys newer than the first release, at their defaults, are left out: an earlier
-        # droptune reading the study refuses keys it does not know
+        # droptune reading the study refuses keys it does not know. A spec that names user
+        # code records its code_dir (absolute): `confirm`, `export` and `train` import from it.
         for key in ("confirm", "code_dir"):
             if recorded.get(key) is None:
                 recorded.pop(key, None)

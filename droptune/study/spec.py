@@ -388,13 +388,7 @@ def load_spec(path: str | Path) -> StudySpec:
     spec = spec_from_dict(data, str(file))
     _check_sampler_installed(spec)
     if names_user_code(spec.base):
-        folder = (file.parent / (spec.code_dir or ".")).resolve()
-        if not folder.is_dir():
-            raise SpecError(
-                f"code_dir: {spec.code_dir!r} (relative to the spec file) is not a folder: "
-                f"{str(folder)!r}"
-            )
-        spec = spec.model_copy(update={"code_dir": str(folder)})
+        spec = spec.model_copy(update={"code_dir": str(code_folder(file, spec.code_dir))})
     _check_user_code(spec)
     try:
         check_data_source(spec.base.data)
@@ -441,6 +435,19 @@ def _check_sampler_installed(spec: StudySpec) -> None:
             f"sampler.name: {spec.sampler.name} needs the {package!r} package, which is not "
             f"installed (pip install {package}); or use another sampler such as tpe or random"
         )
+
+
+def code_folder(file: Path, code_dir: Any) -> Path:
+    """The absolute folder user code is imported from for the spec or config ``file``:
+    ``code_dir`` relative to the file's folder (default: that folder)."""
+    if code_dir is not None and not isinstance(code_dir, str):
+        raise SpecError(f"code_dir: must be a folder path, got {short_repr(code_dir)}")
+    folder = (file.parent / (code_dir or ".")).resolve()
+    if not folder.is_dir():
+        raise SpecError(
+            f"code_dir: {code_dir!r} (relative to {str(file)!r}) is not a folder: {str(folder)!r}"
+        )
+    return folder
 
 
 def names_user_code(config: TrainConfig) -> bool:

@@ -31,10 +31,7 @@ from droptune.storage import mask_url
         # raw @, / and # in a password (SQLAlchemy splits at the first @): masked whole
         ("postgresql://u:p@ss@h/db", "postgresql://u:***@h/db"),
         ("postgresql://u:a@b#c@h:5432/db?x=1", "postgresql://u:***@h:5432/db?x=1"),
-        (
-            "postgresql://u:p/w@h/db and http://h:5000/x",
-            "postgresql://u:***@h/db and http://h:5000/x",
-        ),
+        ("http://mlflow:5000/x?owner=me@corp.com", "http://mlflow:5000/x?owner=me@corp.com"),
     ],
 )
 def test_mask_text(text: str, expected: str) -> None:
@@ -47,6 +44,10 @@ def test_mask_url_keeps_urls_without_password_and_masks_the_rest() -> None:
     assert "pw" not in mask_url("http://u:pw@h:1")
     for url in ("postgresql://u:p@ssw0rd@h/db", "postgresql://u:p@ssw#0rd@h/db"):
         assert "ssw" not in mask_url(url) and mask_url(url).endswith("@h/db")
+    assert mask_url("postgresql://u:p/w0rd@h/db") == "postgresql://u:***@h/db"
+    # no password: a later @ (an e-mail in a query) is left alone, and the URL is stored as is
+    plain = "http://mlflow:5000/x?owner=me@corp.com&user=admin@server"
+    assert mask_url(plain) == plain
 
 
 def test_masking_filter_masks_messages_arguments_and_tracebacks() -> None:
