@@ -206,6 +206,11 @@ def train(
     typer.echo(f"output: {out}")
 
 
+def _num(value: Any) -> str:
+    """A value as the end of ``run`` prints it: a float to 6 significant digits."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def _finite(option: str) -> Any:
     """A typer callback: a float option must be a finite number (click's ranges let ``inf``
     and ``nan`` through)."""
@@ -319,7 +324,9 @@ def run(
         graceful=graceful,
         population=population,
     )
-    typer.echo(f"study: {summary.study_name}")
+    finished = sum(summary.counts.get(k, 0) for k in ("COMPLETE", "PRUNED"))
+    trials = f"{finished} trial{'' if finished == 1 else 's'}"
+    typer.echo(f"study: {summary.study_name} ({trials} in {summary.elapsed_s:.0f} s)")
     typer.echo(f"storage: {summary.storage}")
     typer.echo(
         "trials: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(summary.counts.items()))
@@ -327,13 +334,19 @@ def run(
     if summary.timing is not None:
         typer.echo(summary.timing)
     if summary.baseline_value is not None:
-        typer.echo(f"baseline (the spec's config, trial 0): {summary.baseline_value}")
+        typer.echo(f"baseline (the spec's config, trial 0): {_num(summary.baseline_value)}")
     if summary.best_params is not None:
-        typer.echo(f"best value: {summary.best_value}")
+        which = "" if summary.best_number is None else f" (trial {summary.best_number})"
+        typer.echo(f"best value: {_num(summary.best_value)} {summary.metric}{which}")
         for key, value in summary.best_params.items():
             typer.echo(f"  {key}: {value}")
     for line in summary.confirmation:
         typer.echo(line)
+    if summary.best_params is not None and not summary.interrupted:
+        store = "" if storage is None else " --storage URL"
+        typer.echo(f"next: droptune ui {summary.study_name}")
+        typer.echo(f"      droptune export --study {summary.study_name}{store} -o best.yaml")
+        typer.echo("      droptune train best.yaml")
     if summary.interrupted:
         typer.echo("interrupted: run the same command again to resume", err=True)
         raise typer.Exit(130)
@@ -852,9 +865,14 @@ def _root(
     global _VERBOSE
     _VERBOSE = verbose
     if not verbose:  # Optuna's INFO lines ("Using an existing study ...") only with -v
+        import os
+
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # MLflow's ("Creating initial MLflow database tables ...") too, here and in the
+        # workers, which inherit the environment; a level the user set is kept
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

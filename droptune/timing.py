@@ -120,15 +120,14 @@ def summarize(attrs: Iterable[dict[str, Any]]) -> dict[str, float] | None:
 
 
 def summary_line(attrs: Iterable[dict[str, Any]]) -> str | None:
-    """``time per trial (mean of N): setup 1.2 s · train ... · MLflow ... · other ...``."""
+    """``time per trial (mean of N): 1.5 s =`` and, on a second line, ``setup 12 ms · train
+    1.2 s · storage ... · MLflow ... · other ...``."""
     mean = summarize(attrs)
     if mean is None:
         return None
     parts = [f"{_LABELS.get(key, key)} {_human(mean[key])}" for key in CATEGORIES]
-    return (
-        f"time per trial (mean of {int(mean['trials'])}, a population's shared among its "
-        f"members): {_human(mean['total'])} = " + " · ".join(parts)
-    )
+    head = f"time per trial (mean of {int(mean['trials'])}): {_human(mean['total'])} ="
+    return f"{head}\n  " + " · ".join(parts)  # two lines: each fits 80 columns
 
 
 def _human(seconds: float) -> str:
@@ -136,4 +135,6 @@ def _human(seconds: float) -> str:
         return f"{seconds:.0f} s"
     if seconds >= 1:
         return f"{seconds:.1f} s"
+    if seconds >= 0.01:
+        return f"{seconds * 1000:.0f} ms"
     return f"{seconds * 1000:.1f} ms"

@@ -25,8 +25,11 @@ import optuna
 
 from droptune.exceptions import SpecError
 from droptune.records import BASELINE_ATTR
+from droptune.records import DUPLICATE_ATTR
+from droptune.records import EPOCHS_ATTR
 from droptune.records import FAIL_REASON_ATTR
 from droptune.records import METRIC_ATTR
+from droptune.records import PRUNED_AT_EPOCH_ATTR
 from droptune.records import SPEC_ATTR
 from droptune.records import VERSION_ATTR
 from droptune.records import WORKER_ATTR
@@ -83,6 +86,10 @@ class RunSummary:
     baseline_value: Any = None
     #: What the spec's ``confirm`` stage found, one line per candidate (empty without one).
     confirmation: list[str] = field(default_factory=list)
+    #: The best trial's number, the objective's name(s), and the run's wall-clock seconds.
+    best_number: int | None = None
+    metric: str = "objective"
+    elapsed_s: float = 0.0
 
 
 #: Samplers whose search space comes from the finished trials rather than from each suggest.
@@ -361,6 +368,13 @@ def _best(study: optuna.Study) -> tuple[Any, dict[str, Any] | None]:
         return None, None
 
 
+def _best_number(study: optuna.Study) -> int | None:
+    try:
+        return None if len(study.directions) > 1 else study.best_trial.number
+    except ValueError:
+        return None
+
+
 def run_study(
     spec: StudySpec,
     spec_path: Path,
@@ -378,6 +392,7 @@ def run_study(
 ) -> RunSummary:
     """Create or resume the study and run it with local worker processes until it has
     ``n_trials`` COMPLETE or PRUNED trials (or the timeout passes, or Ctrl-C)."""
+    started = time.monotonic()
     name = study_name or spec.study.name
     url = storage_url or spec.storage or default_url(name)
     execution = spec.execution
@@ -413,7 +428,7 @@ def run_study(
         received.check()  # a signal that arrived as the last worker exited
     except KeyboardInterrupt:
         interrupted = True
-        log.warning("interrupted: stopping %d workers", len(procs))
+        log.info("interrupted: stopping %d workers", len(procs))  # `run` ends saying so
         # Workers fail their running trial on SIGTERM; with graceful they get SIGINT, which
         # they take as "finish the running trial" (also when a terminal's Ctrl-C reached them
         # a moment ago).
@@ -461,6 +476,9 @@ def run_study(
         timing_summary(study),
         baseline_value(study),
         confirmation,
+        best_number=_best_number(study),
+        metric=",".join(spec.study.objectives),
+        elapsed_s=time.monotonic() - started,
     )
 
 
@@ -604,7 +622,9 @@ def _watch(
     progress: bool,
     received: _Signals,
 ) -> None:
-    """Poll the storage until every worker has exited; show done/pruned/failed/running."""
+    """Poll the storage until every worker has exited: a progress bar on a terminal, one line
+    per finished trial above it (or, without a terminal, those lines and a status line every
+    :data:`STATUS_EVERY_S` seconds)."""
     from rich.console import Console
     from rich.progress import BarColumn
     from rich.progress import MofNCompleteColumn
@@ -612,12 +632,13 @@ def _watch(
     from rich.progress import TextColumn
     from rich.progress import TimeElapsedColumn
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, highlight=False)
     show = progress and console.is_terminal
-    last_line = 0.0
+    lines = _TrialLines(study, min(TRIAL_LINE_CHARS, console.width) if show else TRIAL_LINE_CHARS)
+    last_status = time.monotonic()
     with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=12),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
@@ -627,25 +648,99 @@ def _watch(
         while True:
             received.check()
             alive = any(proc.poll() is None for proc in procs)
-            counts = counts_by_state(study)
+            states = trial_states(study)
+            counts = Counter(states.values())
             done = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
             best, _ = _best(study)
             best_text = (
                 "-"
                 if best is None
-                else (f"{best:.5g}" if isinstance(best, float) else str(best)[:40])
+                else (f"{best:.5g}" if isinstance(best, float) else str(best)[:30])
             )
             text = (
-                f"{study.study_name}: done {counts.get('COMPLETE', 0)} | pruned "
-                f"{counts.get('PRUNED', 0)} | failed {counts.get('FAIL', 0)} | running "
-                f"{counts.get('RUNNING', 0)} | best {best_text}"
+                f"done {counts.get('COMPLETE', 0)} pruned {counts.get('PRUNED', 0)} failed "
+                f"{counts.get('FAIL', 0)} run {counts.get('RUNNING', 0)} best {best_text}"
             )
             bar.update(task, completed=min(done, total), description=text)
-            if not show and time.time() - last_line > 10:
-                log.info(text)
-                last_line = time.time()
+            if progress:
+                for line in lines.new(states):
+                    console.print(line, markup=False, soft_wrap=True)
+                if not show and time.monotonic() - last_status >= STATUS_EVERY_S:
+                    console.print(
+                        f"{study.study_name}: {text} ({done}/{total})",
+                        markup=False,
+                        soft_wrap=True,
+                    )
+                    last_status = time.monotonic()
             if not alive:
                 return
             for _ in range(5):
                 time.sleep(0.2)
                 received.check()
+
+
+#: Without a terminal (CI logs, ``nohup``), a status line this often.
+STATUS_EVERY_S = 30.0
+#: The longest line ``run`` prints per finished trial.
+TRIAL_LINE_CHARS = 100
+
+
+class _TrialLines:
+    """One line of at most :data:`TRIAL_LINE_CHARS` characters per trial that finished since
+    the last call: number, state, value, epochs, sampled params under short names (a refused
+    duplicate, which trained nothing, gets none)."""
+
+    def __init__(self, study: optuna.Study, width: int = TRIAL_LINE_CHARS) -> None:
+        self.study, self.width = study, width
+        self.metric = str(study.user_attrs.get(METRIC_ATTR, "value"))
+        self.seen = {
+            n for n, state in trial_states(study).items() if state not in ("RUNNING", "WAITING")
+        }
+
+    def new(self, states: dict[int, str]) -> list[str]:
+        """The lines of the trials that ended since the last call."""
+        fresh = sorted(
+            n for n, s in states.items() if s not in ("RUNNING", "WAITING") and n not in self.seen
+        )
+        if not fresh:
+            return []
+        self.seen.update(fresh)
+        wanted = set(fresh)
+        trials = [t for t in self.study.get_trials(deepcopy=False) if t.number in wanted]
+        return [line for t in trials if (line := self.line(t))]
+
+    def line(self, trial: optuna.trial.FrozenTrial) -> str | None:
+        attrs = trial.user_attrs
+        if DUPLICATE_ATTR in attrs:
+            return None
+        state = trial.state.name
+        head = f"#{trial.number:<4} {state:<8}"
+        if state == "FAIL":
+            return f"{head} {attrs.get(FAIL_REASON_ATTR, '')}"[: self.width]
+        values = trial.values or []
+        text = f"{head} {self.metric} " + (" ".join(f"{v:.4g}" for v in values) or "-")
+        if PRUNED_AT_EPOCH_ATTR in attrs:
+            text += f" ep{int(attrs[PRUNED_AT_EPOCH_ATTR]) + 1}"
+        elif attrs.get(EPOCHS_ATTR) is not None:
+            text += f" ep{int(attrs[EPOCHS_ATTR])}"
+        if attrs.get(BASELINE_ATTR):
+            text += " baseline"
+        for name, param in trial.params.items():
+            item = f"{short_name(name)}={_short_value(param)}"
+            if len(text) + 1 + len(item) > self.width:
+                break
+            text = f"{text} {item}"
+        return text
+
+
+def short_name(path: str) -> str:
+    """A search path without the sections every reader knows: ``regularization.dropout.
+    hidden_rate`` → ``hidden``, ``regularization.l2.strength`` → ``l2``,
+    ``regularization.early_stopping.patience`` → ``patience``."""
+    short = path.removeprefix("regularization.").removeprefix("dropout.")
+    short = short.removesuffix(".strength").removesuffix("_rate")
+    return short.removeprefix("early_stopping.").removeprefix("train.")
+
+
+def _short_value(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

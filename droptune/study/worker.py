@@ -397,8 +397,12 @@ def _bound_numbers(slots: Slots, held: list[int]) -> dict[int, int]:
 
 class _QuietDuplicates(logging.Filter):
     """Drops Optuna's warnings (one with a traceback, then "failed with value None") for a
-    trial refused as a duplicate: it is no failure of the config, and a discrete space can
-    produce many."""
+    trial refused as a duplicate (no failure of the config, and a discrete space can produce
+    many) or ended by an interruption (Ctrl-C, SIGTERM: ``run`` says so in one line, and the
+    trial keeps its reason)."""
+
+    #: What such a trial's exception looks like in Optuna's message.
+    QUIET = ("DuplicateConfig(", "WorkerInterrupted(")
 
     def __init__(self) -> None:
         super().__init__()
@@ -406,7 +410,7 @@ class _QuietDuplicates(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "DuplicateConfig(" in message:
+        if any(marker in message for marker in self.QUIET):
             self.numbers.add(message.split()[1])  # "Trial <n> failed with parameters ..."
             return False
         words = message.split()

@@ -103,8 +103,18 @@ def write_study_artifacts(study: optuna.Study, folder: Path) -> list[Path]:
     """Write every artifact that can be made from the study's trials into ``folder``.
 
     A plot that cannot be drawn yet (e.g. importances with fewer than two completed trials) is
-    skipped with a log line; the rest are still written.
+    skipped with a log line; the rest are still written. Optuna's and matplotlib's warnings
+    about small studies (equal importances, a flat axis) are not shown: they would end every
+    short ``run`` with a screen of them.
     """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _write_study_artifacts(study, folder)
+
+
+def _write_study_artifacts(study: optuna.Study, folder: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,9 +127,6 @@ def write_study_artifacts(study: optuna.Study, folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    import warnings
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     complete = [
         t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE
     ]
