@@ -237,6 +237,32 @@ def _study_name(field: str) -> Any:
     return check
 
 
+#: ``STUDY``: how every command that reads a study names it (``best``, ``export``, ``status``
+#: also take the older ``--study NAME``).
+StudyPos = Annotated[
+    str | None,
+    typer.Argument(metavar="STUDY", help="Study name.", callback=_study_name("STUDY")),
+]
+StudyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--study", help="Same as STUDY (the older form).", callback=_study_name("--study")
+    ),
+]
+
+
+def _one_study(positional: str | None, option: str | None, required: bool = True) -> str | None:
+    """The study named by ``STUDY`` or ``--study`` (one of them, or both the same)."""
+    import click
+
+    if positional and option and positional != option:
+        raise click.UsageError(f"STUDY {positional!r} and --study {option!r} disagree; give one")
+    name = positional or option
+    if name is None and required:
+        raise click.UsageError("Missing argument 'STUDY' (the study's name).")
+    return name
+
+
 StorageOpt = Annotated[
     str | None,
     typer.Option(
@@ -345,7 +371,7 @@ def run(
     if summary.best_params is not None and not summary.interrupted:
         store = "" if storage is None else " --storage URL"
         typer.echo(f"next: droptune ui {summary.study_name}")
-        typer.echo(f"      droptune export --study {summary.study_name}{store} -o best.yaml")
+        typer.echo(f"      droptune export {summary.study_name}{store} -o best.yaml")
         typer.echo("      droptune train best.yaml")
     if summary.interrupted:
         typer.echo("interrupted: run the same command again to resume", err=True)
@@ -447,13 +473,13 @@ def worker(
 
 @app.command()
 def status(
+    study_arg: StudyPos = None,
     storage: StorageOpt = None,
-    study: Annotated[
-        str | None,
-        typer.Option(help="Study name (default: every study).", callback=_study_name("--study")),
-    ] = None,
+    study_opt: StudyOpt = None,
 ) -> None:
-    """Trials by state, best value and params, and running trials with their age."""
+    """Trials by state, best value and params, and running trials with their age (of STUDY,
+    or of every study in the storage)."""
+    study = _one_study(study_arg, study_opt, required=False)
     import datetime as dt
 
     import optuna
@@ -565,11 +591,14 @@ def _best_config_text(storage: str | None, study: str, fmt: str) -> tuple[str, s
 
 @app.command()
 def best(
-    study: Annotated[str, typer.Option(help="Study name.", callback=_study_name("--study"))],
+    study_arg: StudyPos = None,
     storage: StorageOpt = None,
     format_: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
+    study_opt: StudyOpt = None,
 ) -> None:
     """Print the best trial's full training config (accepted by `droptune train`)."""
+    study = _one_study(study_arg, study_opt)
+    assert study is not None
     text, note = _best_config_text(storage, study, _check_format(format_))
     typer.echo(note, err=True)
     typer.echo(text, nl=False)
@@ -629,12 +658,15 @@ StudyArg = Annotated[
 
 @app.command()
 def export(
-    study: Annotated[str, typer.Option(help="Study name.", callback=_study_name("--study"))],
     output: Annotated[Path, typer.Option("-o", "--output", help="File to write.")],
+    study_arg: StudyPos = None,
     storage: StorageOpt = None,
     format_: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
+    study_opt: StudyOpt = None,
 ) -> None:
     """Write the best trial's full training config to a file."""
+    study = _one_study(study_arg, study_opt)
+    assert study is not None
     text, note = _best_config_text(storage, study, _check_format(format_))
     _write_output(output, text, "--output")
     typer.echo(note, err=True)

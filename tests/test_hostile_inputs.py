@@ -152,6 +152,9 @@ ROWS: list[tuple[list[str], str]] = [
     (["run", "valid.yaml", "--workers", "-1"], "--workers"),
     (["run", "valid.yaml", "--n-trials", "abc"], "--n-trials"),
     (["run"], "SPEC"),
+    (["best"], "STUDY"),
+    (["export", "-o", "out.yaml"], "STUDY"),
+    (["best", "tiny", "--study", "other"], "disagree"),
     (["--bogus"], "--bogus"),
 ]
 
@@ -317,9 +320,7 @@ def test_user_code_is_imported_from_the_environment_or_the_specs_folder_only(
     # and the config it saves can be trained again
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    done = _console(
-        ["export", "--study", "tiny", "--storage", db, "-o", str(elsewhere / "best.yaml")], cwd
-    )
+    done = _console(["export", "tiny", "--storage", db, "-o", str(elsewhere / "best.yaml")], cwd)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (elsewhere / "best.yaml").read_text().startswith("code_dir: ")
     for config in (elsewhere / "best.yaml", tmp_path / "t1" / "config.yaml"):

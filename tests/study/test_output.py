@@ -37,4 +37,4 @@ def test_run_prints_one_short_line_per_trial_and_a_summary_with_next_steps(
     best = re.search(r"best value: \S+ val_loss \(trial (\d+)\)", result.stdout)
     assert best is not None, result.stdout
     assert "next: droptune ui out" in result.stdout
-    assert "droptune export --study out" in result.stdout
+    assert "droptune export out -o best.yaml" in result.stdout
