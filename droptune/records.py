@@ -36,6 +36,9 @@ OVERRIDES_ATTR = "droptune.overrides"
 DUPLICATE_ATTR = "droptune.duplicate_of"
 #: The trial is the study's baseline (the spec's own config, trial 0).
 BASELINE_ATTR = "droptune.baseline"
+#: Where a trial enqueued from ``start_from`` came from (``start_from.params[i]``, or
+#: ``study NAME trial N``).
+STARTED_FROM_ATTR = "droptune.started_from"
 #: Seconds by category (``droptune.timing``), resident memory after the trial.
 TIMING_ATTR = "droptune.timing"
 RSS_ATTR = "droptune.rss_mb"

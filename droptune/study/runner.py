@@ -8,6 +8,7 @@ takes the others down, and the same command joins a study from another machine.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 import logging
@@ -31,6 +32,7 @@ from droptune.records import FAIL_REASON_ATTR
 from droptune.records import METRIC_ATTR
 from droptune.records import PRUNED_AT_EPOCH_ATTR
 from droptune.records import SPEC_ATTR
+from droptune.records import STARTED_FROM_ATTR
 from droptune.records import VERSION_ATTR
 from droptune.records import WORKER_ATTR
 from droptune.storage import claim_once
@@ -129,6 +131,10 @@ def create_study(
         grace_period=spec.execution.grace_period,
     )
     directions = spec.study.study_directions
+    # configs to start from, read before the study exists (a source study that cannot be read
+    # leaves nothing behind), and only by the process that creates it
+    new = study_name not in optuna.study.get_all_study_names(storage)
+    starts = start_configs(spec) if new else []
     study = optuna.create_study(
         storage=storage,
         study_name=study_name,
@@ -148,7 +154,7 @@ def create_study(
         # keys newer than the first release, at their defaults, are left out: an earlier
         # droptune reading the study refuses keys it does not know. A spec that names user
         # code records its code_dir (absolute): `confirm`, `export` and `train` import from it.
-        for key in ("confirm", "code_dir"):
+        for key in ("confirm", "code_dir", "start_from"):
             if recorded.get(key) is None:
                 recorded.pop(key, None)
         if recorded["study"].get("baseline") is True:
@@ -156,6 +162,9 @@ def create_study(
         for key in ("storage",):
             if recorded.get(key):
                 recorded[key] = mask_url(recorded[key])
+        source = (recorded.get("start_from") or {}).get("study") or {}
+        if source.get("storage"):
+            source["storage"] = mask_url(source["storage"])
         if (recorded.get("tracking") or {}).get("uri"):
             recorded["tracking"]["uri"] = mask_url(recorded["tracking"]["uri"])
         study.set_user_attr(SPEC_ATTR, recorded)
@@ -170,7 +179,7 @@ def create_study(
                 storage_url,
                 study_name,
                 BUDGET_KEY,
-                lambda: _first_budget(study, spec, slots, asked),
+                lambda: _first_budget(study, spec, slots, asked, starts),
             )
         )
         if explicit and asked != budget:
@@ -197,14 +206,86 @@ def create_study(
     return study
 
 
-def _first_budget(study: optuna.Study, spec: StudySpec, slots: Slots, n_trials: int) -> int:
+def _first_budget(
+    study: optuna.Study,
+    spec: StudySpec,
+    slots: Slots,
+    n_trials: int,
+    starts: Sequence[tuple[dict[str, Any], str]] = (),
+) -> int:
     """Run once per study, by the process that records its budget: enqueue the baseline
-    trial in a study that has no trial yet. A study made by an earlier droptune keeps the
-    budget its slots say."""
+    trial, then the configs to start from (``starts``), in a study that has no trial yet. A
+    study made by an earlier droptune keeps the budget its slots say."""
     existing = slots.total()
     if existing:
         return existing
-    if spec.study.baseline and not study.get_trials(deepcopy=False):
+    if study.get_trials(deepcopy=False):
+        return n_trials
+    _enqueue_baseline(study, spec)
+    for params, origin in starts:
+        study.enqueue_trial(params, user_attrs={STARTED_FROM_ATTR: origin})
+    if len(starts) + int(spec.study.baseline) > n_trials:
+        log.warning(
+            "start_from: %d configs to start from (and the baseline) in a budget of %d "
+            "trials: the last ones will not run",
+            len(starts),
+            n_trials,
+        )
+    return n_trials
+
+
+def start_configs(spec: StudySpec) -> list[tuple[dict[str, Any], str]]:
+    """``spec.start_from`` as ``(params, origin)``: the explicit configs, then the top trials
+    of the source study (best first), each restricted to what this study's search space can
+    take (the rest is left to the sampler, with a warning).
+
+    Raises:
+        StorageError: The source study or its storage does not exist.
+    """
+    start = spec.start_from
+    if start is None:
+        return []
+    configs = [(dict(params), f"start_from.params[{i}]") for i, params in enumerate(start.params)]
+    if start.study is None:
+        return configs
+    from droptune.export import load_study
+
+    source = start.study
+    other = load_study(source.name, source.storage or default_url(source.name))
+    if len(other.directions) != 1:
+        raise SpecError(
+            f"start_from.study: study {source.name!r} has {len(other.directions)} objectives; "
+            "its top trials rank by one"
+        )
+    complete = other.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    maximize = other.direction == optuna.study.StudyDirection.MAXIMIZE
+    ranked = sorted(complete, key=lambda t: float(t.value or 0.0), reverse=maximize)
+    for trial in ranked[: source.top_k]:
+        taken = {p: v for p, v in trial.params.items() if p in spec.search}
+        taken = {p: v for p, v in taken.items() if spec.search[p].contains(v)}
+        left = sorted(set(trial.params) - set(taken))
+        if left:
+            log.warning(
+                "start_from.study: trial %d of %s: %s not in this study's search space; left "
+                "to the sampler",
+                trial.number,
+                source.name,
+                ", ".join(left),
+            )
+        if taken:
+            configs.append((taken, f"study {source.name} trial {trial.number}"))
+    if len(ranked) < source.top_k:
+        log.warning(
+            "start_from.study: study %s has %d COMPLETE trials, fewer than top_k %d",
+            source.name,
+            len(ranked),
+            source.top_k,
+        )
+    return configs
+
+
+def _enqueue_baseline(study: optuna.Study, spec: StudySpec) -> None:
+    if spec.study.baseline:
         base = spec.base
         missing = baseline_gaps(spec, base)
         if missing and spec.sampler.name in RELATIVE_SAMPLERS:
@@ -220,7 +301,6 @@ def _first_budget(study: optuna.Study, spec: StudySpec, slots: Slots, n_trials: 
             )
         else:
             study.enqueue_trial(baseline_params(spec, base), user_attrs={BASELINE_ATTR: True})
-    return n_trials
 
 
 def study_budget(storage_url: str, study_name: str) -> int | None:

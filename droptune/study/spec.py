@@ -218,6 +218,25 @@ class ConfirmSection(StrictModel):
     seeds: int = Field(default=5, ge=1, le=1000)
 
 
+class StartFromStudy(StrictModel):
+    """``start_from.study``: the best ``top_k`` COMPLETE trials of another study."""
+
+    name: str
+    #: Its storage (default ``sqlite:///runs/<name>/droptune.db``, as every command's).
+    storage: str | None = None
+    top_k: int = Field(default=5, ge=1, le=1000)
+
+
+class StartFromSection(StrictModel):
+    """``start_from``: configs to try first, enqueued after the baseline when the study is
+    created (Optuna's ``enqueue_trial``, Ray Tune's ``points_to_evaluate``): explicit
+    ``{search path: value}`` sets and/or the top trials of another study. A value this
+    study's search space cannot take is left to the sampler."""
+
+    params: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
+    study: StartFromStudy | None = None
+
+
 class TrackingSection(StrictModel):
     enabled: bool = True
     uri: str | None = None
@@ -270,6 +289,7 @@ class StudySpec(StrictModel):
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     execution: ExecutionSection = Field(default_factory=ExecutionSection)
     confirm: ConfirmSection | None = None
+    start_from: StartFromSection | None = None
     n_trials: int = Field(default=20, ge=1, le=MAX_TRIALS)
     timeout: float | None = Field(default=None, gt=0)
     #: The folder ``model.target`` and ``data.datamodule`` are imported from when the
@@ -336,7 +356,42 @@ def spec_from_dict(data: Any, source: str = "spec", recorded: bool = False) -> S
         from droptune.storage import check_url
 
         check_url(spec.storage, "storage")
+    if spec.start_from is not None:
+        _check_start_from(spec, recorded)
     return spec
+
+
+def _check_start_from(spec: StudySpec, recorded: bool) -> None:
+    """Every explicit config names search paths with values their distributions take; a
+    source study is single-objective like this one, and its name and storage are usable."""
+    start = spec.start_from
+    assert start is not None
+    for i, params in enumerate(start.params):
+        field = f"start_from.params[{i}]"
+        if not params:
+            raise SpecError(f"{field}: an empty config; give {{search path: value}} pairs")
+        for path, value in params.items():
+            if path not in spec.search:
+                raise SpecError(
+                    f"{field}: {path!r} is not searched; searched paths: "
+                    f"{', '.join(spec.search) or 'none'}"
+                )
+            if not spec.search[path].contains(value):
+                raise SpecError(
+                    f"{field}: {path}={short_repr(value)} is outside its search distribution"
+                )
+    if start.study is not None:
+        from droptune.storage import check_study_name
+        from droptune.storage import check_url
+
+        check_study_name(start.study.name, "start_from.study.name")
+        if start.study.storage is not None and not recorded:
+            check_url(start.study.storage, "start_from.study.storage")
+        if len(spec.study.objectives) > 1:
+            raise SpecError(
+                "start_from.study: the top trials of a study rank by one objective; this "
+                "study has several (study.metrics)"
+            )
 
 
 def _check_tracking(spec: StudySpec) -> None:
