@@ -42,7 +42,6 @@ __all__ = [
 
 #: The categories, in report order.
 CATEGORIES = ("setup", "train", "storage", "tracking", "other")
-#: The trial user attribute holding ``{category: seconds, ..., "total": seconds}``.
 
 _LABELS = {"tracking": "MLflow"}
 

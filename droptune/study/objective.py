@@ -109,9 +109,6 @@ class PruningCallback(pl.Callback):
             raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.monitor}={number:.6g})")
 
 
-#: The worker's resident memory (MiB) when the trial ended.
-
-
 def result_attrs(epochs: int, stopped_early: bool, final: dict[str, float]) -> dict[str, Any]:
     """A finished fit's user attributes: epochs trained, whether early stopping ended it, and
     ``metric.<name>`` for each finite final metric."""

@@ -119,10 +119,6 @@ class TrialSeededSampler(BaseSampler):
         """Nothing to reseed: every trial's stream is fixed by its number."""
 
 
-#: User attribute of a trial that was sampled with the params of a finished trial: it is
-#: failed before training (its slot runs again with a new trial) and names that trial.
-
-
 def _key(params: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((name, repr(value)) for name, value in params.items()))
 

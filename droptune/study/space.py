@@ -45,7 +45,6 @@ __all__ = [
 ]
 
 KIND_PATH = "regularization.dropout.kind"
-#: User attribute of the trial that runs the spec's fixed configuration.
 
 FAMILY_KINDS: dict[str, tuple[str, ...]] = {
     "mlp": ELEMENTWISE_KINDS,

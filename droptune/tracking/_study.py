@@ -67,8 +67,6 @@ STALE_REASON = (
     "the trial's worker stopped sending heartbeats (killed or lost); failed by the heartbeat "
     "check and retried once"
 )
-#: The tracking URI of the study's runs (password masked).
-#: Seconds the trial spent on MLflow calls (start + finish), for the overhead figures.
 
 
 def tracking_uri(spec: StudySpec, study_name: str) -> str:
