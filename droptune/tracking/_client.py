@@ -58,6 +58,12 @@ _MAX_PARAM = 6000  # MLflow's param value limit is 6000 characters
 TRACKING_SCHEMES = ("http://", "https://", "sqlite:///", "postgresql", "mysql", "databricks")
 
 
+#: The experiment tag MLflow 3's UI reads to choose its layout: the model-training view (runs,
+#: metrics, parameters) instead of the GenAI one (traces, judges).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+
+
 def check_tracking_uri(uri: str, field: str) -> str:
     """``uri`` if it is a tracking URI droptune can use, else TrackingError naming ``field``
     (a garbage or ``ftp://`` URI would make every trial warn and record nothing)."""
@@ -216,6 +222,10 @@ class Tracker:
                 found = self.client.get_experiment_by_name(self.experiment_name)
                 if found is not None:
                     self._experiment_id = found.experiment_id
+                    if EXPERIMENT_KIND_TAG not in (found.tags or {}):
+                        self.client.set_experiment_tag(
+                            found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING
+                        )
                 else:
                     self._experiment_id = self._create_experiment()
             except TrackingError:
@@ -235,7 +245,11 @@ class Tracker:
             location = (db.parent / "mlartifacts").resolve().as_uri()
         try:
             return str(
-                self.client.create_experiment(self.experiment_name, artifact_location=location)
+                self.client.create_experiment(
+                    self.experiment_name,
+                    artifact_location=location,
+                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING},
+                )
             )
         except MlflowException:
             # Another worker created it first.

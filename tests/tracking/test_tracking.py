@@ -86,6 +86,22 @@ def test_one_child_run_per_trial_under_one_parent_with_mapped_status(setup: Any)
         history = tracking.tracker.client.get_metric_history(run.info.run_id, "val_loss")
         assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.8)]
     assert runs[2].data.tags["droptune.error"] == "ValueError: boom"
+    # MLflow 3's UI opens the experiment in its model-training view
+    experiment = tracking.tracker.client.get_experiment(tracking.tracker.experiment_id())
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_an_experiment_made_before_gets_the_model_training_view(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from droptune.tracking._client import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    made = MlflowClient(tracking_uri=uri).create_experiment("older")
+    tracker = Tracker(uri, "older")
+    assert tracker.experiment_id() == made
+    tags = tracker.client.get_experiment(made).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_a_dead_server_never_fails_the_trial_and_sync_backfills(
