@@ -26,11 +26,8 @@ import optuna
 
 from droptune.exceptions import SpecError
 from droptune.records import BASELINE_ATTR
-from droptune.records import DUPLICATE_ATTR
-from droptune.records import EPOCHS_ATTR
 from droptune.records import FAIL_REASON_ATTR
 from droptune.records import METRIC_ATTR
-from droptune.records import PRUNED_AT_EPOCH_ATTR
 from droptune.records import SPEC_ATTR
 from droptune.records import STARTED_FROM_ATTR
 from droptune.records import VERSION_ATTR
@@ -45,8 +42,12 @@ from droptune.storage import open_storage
 from droptune.storage import storage_of
 from droptune.storage import trial_id_of
 from droptune.storage import trial_states
+from droptune.study.devices import check_gpu_ids
+from droptune.study.devices import plan_workers
 from droptune.study.factories import make_pruner
 from droptune.study.factories import make_sampler
+from droptune.study.progress import best_so_far as _best
+from droptune.study.progress import watch
 from droptune.study.slots import Slots
 from droptune.study.space import baseline_gaps
 from droptune.study.space import baseline_params
@@ -309,91 +310,6 @@ def study_budget(storage_url: str, study_name: str) -> int | None:
     return None if value is None else int(value)
 
 
-#: Device nodes of NVIDIA's driver and of ROCm: a Linux host with none of them has no GPU torch
-#: could use.
-_GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
-
-
-def _gpu_count() -> int:
-    """``torch.cuda.device_count()``, without importing torch (over a second of start-up)
-    on a Linux host that has no GPU driver's device node."""
-    if sys.platform.startswith("linux") and not any(map(os.path.exists, _GPU_NODES)):
-        return 0
-    import torch
-
-    return int(torch.cuda.device_count())
-
-
-def check_gpu_ids(ids: list[int], field: str) -> None:
-    """SpecError naming ``field`` unless every GPU id exists on this machine (checked before
-    anything is created: otherwise every trial fails)."""
-    count = _gpu_count()
-    missing = [i for i in ids if i >= count]
-    if missing:
-        have = f"GPUs 0-{count - 1}" if count else "no GPU"
-        raise SpecError(
-            f"{field}: GPU {', '.join(map(str, missing))} requested, but this machine has "
-            f"{have} (as CUDA_VISIBLE_DEVICES shows them); use cpu or auto"
-        )
-
-
-def max_local_workers() -> int:
-    """The most worker processes one ``run`` starts on this machine: each imports torch and
-    Lightning (~0.5 GiB), so hundreds exhaust the memory of any host (seen: 400 workers on a
-    24 GiB machine, killed by the kernel). More workers belong on more machines."""
-    return max(8, 4 * (os.cpu_count() or 1))
-
-
-def _check_worker_count(count: int) -> None:
-    limit = max_local_workers()
-    if count > limit:
-        raise SpecError(
-            f"--workers: {count} local workers is more than this machine can hold (at most "
-            f"{limit}: 4 per CPU core); start `droptune worker` on more machines instead"
-        )
-
-
-def plan_workers(devices: str, workers: int | None, per_device: int) -> list[dict[str, Any]]:
-    """One entry per worker: its ``CUDA_VISIBLE_DEVICES`` and config overrides.
-
-    ``devices``: ``auto`` (every visible GPU, else CPU), ``cpu``, or GPU ids ``0,1``.
-    """
-    ids: list[str]
-    if devices == "cpu":
-        ids = []
-    elif devices == "auto":
-        ids = [str(i) for i in range(_gpu_count())]
-    else:
-        ids = [part.strip() for part in devices.split(",") if part.strip()]
-        if not ids or not all(part.isdigit() for part in ids):
-            raise SpecError(f"--devices: must be auto, cpu or GPU ids like 0,1; got {devices!r}")
-        check_gpu_ids([int(i) for i in ids], "--devices")
-    if not ids:
-        count = workers if workers is not None else 1
-        _check_worker_count(count)
-        threads = max(1, (os.cpu_count() or 1) // max(count, 1))
-        return [
-            {
-                "env": {"CUDA_VISIBLE_DEVICES": ""},
-                "overrides": {
-                    "train.accelerator": "cpu",
-                    "train.devices": 1,
-                    "train.num_threads": threads,
-                },
-            }
-            for _ in range(count)
-        ]
-    count = workers if workers is not None else len(ids) * per_device
-    _check_worker_count(count)
-    return [
-        {
-            "env": {"CUDA_VISIBLE_DEVICES": ids[i % len(ids)]},
-            "overrides": {"train.accelerator": "gpu", "train.devices": 1},
-        }
-        for i in range(count)
-    ]
-
-
 def counts_by_state(study: optuna.Study) -> dict[str, int]:
     return dict(Counter(trial_states(study).values()))
 
@@ -436,16 +352,6 @@ def with_heartbeat(study: optuna.Study, url: str) -> optuna.Study:
         grace_period=int(execution.get("grace_period") or 2 * int(interval)),
     )
     return optuna.load_study(study_name=study.study_name, storage=storage)
-
-
-def _best(study: optuna.Study) -> tuple[Any, dict[str, Any] | None]:
-    try:
-        if len(study.directions) > 1:
-            front = study.best_trials
-            return [t.values for t in front], (front[0].params if front else None)
-        return study.best_value, study.best_params
-    except ValueError:
-        return None, None
 
 
 def _best_number(study: optuna.Study) -> int | None:
@@ -504,7 +410,7 @@ def run_study(
         if size and size > 1:
             _announce_population(spec, size)
         _start_workers(procs, plan, spec_path, url, name, prefix, total, deadline, graceful, size)
-        _watch(study, procs, total, progress, received)
+        watch(study, procs, total, progress, received)
         received.check()  # a signal that arrived as the last worker exited
     except KeyboardInterrupt:
         interrupted = True
@@ -693,134 +599,3 @@ def _start_workers(
             cmd += ["--set", f"{key}={value}"]
         env = {**os.environ, **entry["env"], "PYTHONUNBUFFERED": "1", "DROPTUNE_STORAGE": url}
         procs.append(subprocess.Popen(cmd, env=env))
-
-
-def _watch(
-    study: optuna.Study,
-    procs: list[subprocess.Popen[bytes]],
-    total: int,
-    progress: bool,
-    received: _Signals,
-) -> None:
-    """Poll the storage until every worker has exited: a progress bar on a terminal, one line
-    per finished trial above it (or, without a terminal, those lines and a status line every
-    :data:`STATUS_EVERY_S` seconds)."""
-    from rich.console import Console
-    from rich.progress import BarColumn
-    from rich.progress import MofNCompleteColumn
-    from rich.progress import Progress
-    from rich.progress import TextColumn
-    from rich.progress import TimeElapsedColumn
-
-    console = Console(stderr=True, highlight=False)
-    show = progress and console.is_terminal
-    lines = _TrialLines(study, min(TRIAL_LINE_CHARS, console.width) if show else TRIAL_LINE_CHARS)
-    last_status = time.monotonic()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(bar_width=12),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not show,
-    ) as bar:
-        task = bar.add_task(study.study_name, total=total)
-        while True:
-            received.check()
-            alive = any(proc.poll() is None for proc in procs)
-            states = trial_states(study)
-            counts = Counter(states.values())
-            done = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
-            best, _ = _best(study)
-            best_text = (
-                "-"
-                if best is None
-                else (f"{best:.5g}" if isinstance(best, float) else str(best)[:30])
-            )
-            text = (
-                f"done {counts.get('COMPLETE', 0)} pruned {counts.get('PRUNED', 0)} failed "
-                f"{counts.get('FAIL', 0)} run {counts.get('RUNNING', 0)} best {best_text}"
-            )
-            bar.update(task, completed=min(done, total), description=text)
-            if progress:
-                for line in lines.new(states):
-                    console.print(line, markup=False, soft_wrap=True)
-                if not show and time.monotonic() - last_status >= STATUS_EVERY_S:
-                    console.print(
-                        f"{study.study_name}: {text} ({done}/{total})",
-                        markup=False,
-                        soft_wrap=True,
-                    )
-                    last_status = time.monotonic()
-            if not alive:
-                return
-            for _ in range(5):
-                time.sleep(0.2)
-                received.check()
-
-
-#: Without a terminal (CI logs, ``nohup``), a status line this often.
-STATUS_EVERY_S = 30.0
-#: The longest line ``run`` prints per finished trial.
-TRIAL_LINE_CHARS = 100
-
-
-class _TrialLines:
-    """One line of at most :data:`TRIAL_LINE_CHARS` characters per trial that finished since
-    the last call: number, state, value, epochs, sampled params under short names (a refused
-    duplicate, which trained nothing, gets none)."""
-
-    def __init__(self, study: optuna.Study, width: int = TRIAL_LINE_CHARS) -> None:
-        self.study, self.width = study, width
-        self.metric = str(study.user_attrs.get(METRIC_ATTR, "value"))
-        self.seen = {
-            n for n, state in trial_states(study).items() if state not in ("RUNNING", "WAITING")
-        }
-
-    def new(self, states: dict[int, str]) -> list[str]:
-        """The lines of the trials that ended since the last call."""
-        fresh = sorted(
-            n for n, s in states.items() if s not in ("RUNNING", "WAITING") and n not in self.seen
-        )
-        if not fresh:
-            return []
-        self.seen.update(fresh)
-        wanted = set(fresh)
-        trials = [t for t in self.study.get_trials(deepcopy=False) if t.number in wanted]
-        return [line for t in trials if (line := self.line(t))]
-
-    def line(self, trial: optuna.trial.FrozenTrial) -> str | None:
-        attrs = trial.user_attrs
-        if DUPLICATE_ATTR in attrs:
-            return None
-        state = trial.state.name
-        head = f"#{trial.number:<4} {state:<8}"
-        if state == "FAIL":
-            return f"{head} {attrs.get(FAIL_REASON_ATTR, '')}"[: self.width]
-        values = trial.values or []
-        text = f"{head} {self.metric} " + (" ".join(f"{v:.4g}" for v in values) or "-")
-        if PRUNED_AT_EPOCH_ATTR in attrs:
-            text += f" ep{int(attrs[PRUNED_AT_EPOCH_ATTR]) + 1}"
-        elif attrs.get(EPOCHS_ATTR) is not None:
-            text += f" ep{int(attrs[EPOCHS_ATTR])}"
-        if attrs.get(BASELINE_ATTR):
-            text += " baseline"
-        for name, param in trial.params.items():
-            item = f"{short_name(name)}={_short_value(param)}"
-            if len(text) + 1 + len(item) > self.width:
-                break
-            text = f"{text} {item}"
-        return text
-
-
-def short_name(path: str) -> str:
-    """A search path without the sections every reader knows: ``regularization.dropout.
-    hidden_rate`` → ``hidden``, ``regularization.l2.strength`` → ``l2``,
-    ``regularization.early_stopping.patience`` → ``patience``."""
-    short = path.removeprefix("regularization.").removeprefix("dropout.")
-    short = short.removesuffix(".strength").removesuffix("_rate")
-    return short.removeprefix("early_stopping.").removeprefix("train.")
-
-
-def _short_value(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

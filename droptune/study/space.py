@@ -41,6 +41,7 @@ __all__ = [
     "baseline_gaps",
     "baseline_params",
     "check_search_space",
+    "short_name",
     "suggest",
 ]
 
@@ -216,3 +217,12 @@ def suggest(trial: optuna.Trial, spec: StudySpec, base: TrainConfig) -> dict[str
         if path == KIND_PATH:
             kind = str(value)
     return params
+
+
+def short_name(path: str) -> str:
+    """A search path without the sections every reader knows: ``regularization.dropout.
+    hidden_rate`` → ``hidden``, ``regularization.l2.strength`` → ``l2``,
+    ``regularization.early_stopping.patience`` → ``patience``."""
+    short = path.removeprefix("regularization.").removeprefix("dropout.")
+    short = short.removesuffix(".strength").removesuffix("_rate")
+    return short.removeprefix("early_stopping.").removeprefix("train.")

@@ -47,30 +47,156 @@ def _save(fig_or_ax: Any, path: Path) -> None:
     plt.close(figure)
 
 
+#: Colours of trial states in the plots.
+STATE_COLORS = {"COMPLETE": "tab:blue", "PRUNED": "tab:orange", "FAIL": "tab:red"}
+
+
+def _short(path: str) -> str:
+    """A search path as a plot label: the sections every reader knows left out."""
+    from droptune.study.space import short_name
+
+    return short_name(path)
+
+
+def _plot_value(trial: Any) -> float | None:
+    """A trial's value, or for a pruned trial the last value it reported."""
+    if trial.value is not None:
+        return float(trial.value)
+    if trial.intermediate_values:
+        return float(trial.intermediate_values[max(trial.intermediate_values)])
+    return None
+
+
 def _scatter_by_kind(
-    trials: list[Any], params: list[str], metric: str, path: Path, log_x: bool = False
+    trials: list[Any],
+    params: list[str],
+    metric: str,
+    path: Path,
+    best: Any = None,
+    log_x: bool = False,
 ) -> None:
+    """``metric`` against each of ``params``, one colour per dropout kind; pruned trials as
+    crosses (their last reported value); for a rate, trials of kind ``none`` (no dropout, so
+    no rate) at 0; the best trial circled."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(params), squeeze=False)
     for ax, param in zip(axes[0], params, strict=True):
-        groups: dict[str, tuple[list[float], list[float]]] = {}
+        groups: dict[tuple[str, bool], tuple[list[float], list[float]]] = {}
         for trial in trials:
-            if param not in trial.params or trial.value is None:
-                continue
+            value = _plot_value(trial)
             kind = str(trial.params.get(KIND, "fixed kind"))
-            xs, ys = groups.setdefault(kind, ([], []))
-            xs.append(float(trial.params[param]))
-            ys.append(float(trial.value))
-        for kind, (xs, ys) in sorted(groups.items()):
-            ax.scatter(xs, ys, label=kind, alpha=0.8)
-        ax.set_xlabel(param.removeprefix("regularization."))
+            if value is None:
+                continue
+            if param in trial.params:
+                x = float(trial.params[param])
+            elif kind == "none" and param.endswith("_rate"):
+                x = 0.0
+            else:
+                continue
+            xs, ys = groups.setdefault((kind, trial.state.name == "PRUNED"), ([], []))
+            xs.append(x)
+            ys.append(value)
+        colors: dict[str, Any] = {}
+        for (kind, pruned), (xs, ys) in sorted(groups.items()):
+            color = colors.setdefault(kind, f"C{len(colors)}")
+            ax.scatter(
+                xs,
+                ys,
+                color=color,
+                marker="x" if pruned else "o",
+                alpha=0.8,
+                label=f"{kind} (pruned)" if pruned else kind,
+            )
+        if best is not None and (param in best.params or best.params.get(KIND) == "none"):
+            x = float(best.params.get(param, 0.0))
+            ax.scatter([x], [best.value], s=220, facecolors="none", edgecolors="black", lw=2)
+            ax.annotate(f"best #{best.number}", (x, best.value), textcoords="offset points",
+                        xytext=(8, 8), fontsize=8)  # fmt: skip
+        ax.set_xlabel(_short(param))
         ax.set_ylabel(metric)
         if log_x:
             ax.set_xscale("log")
         if groups:
-            ax.legend(title="dropout kind", fontsize=8)
+            ax.legend(title="dropout kind", fontsize=7)
     _save(fig, path)
+
+
+def _learning_curves(trials: list[Any], metric: str, path: Path, best: Any = None) -> bool:
+    """Every trial's per-epoch ``metric`` (the values it reported to Optuna), coloured by its
+    state, the best trial in black; False when no trial reported anything."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    drawn: set[str] = set()
+    for trial in trials:
+        steps = sorted(trial.intermediate_values)
+        if not steps or trial.state.name not in STATE_COLORS:
+            continue
+        state = trial.state.name
+        ax.plot(
+            [s + 1 for s in steps],
+            [trial.intermediate_values[s] for s in steps],
+            color=STATE_COLORS[state],
+            alpha=0.5,
+            lw=1,
+            label=state.lower() if state not in drawn else None,
+        )
+        drawn.add(state)
+    if not drawn:
+        plt.close(fig)
+        return False
+    if best is not None and best.intermediate_values:
+        steps = sorted(best.intermediate_values)
+        ax.plot([s + 1 for s in steps], [best.intermediate_values[s] for s in steps],
+                color="black", lw=2.5, label=f"best (trial {best.number})")  # fmt: skip
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per epoch, {len(trials)} trials")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def _short_named(study: Any) -> Any:
+    """An in-memory copy of ``study`` whose params have short names (Optuna's plots cut long
+    axis labels to a few letters: three axes all read ``dr...``)."""
+    import optuna
+
+    copy = optuna.create_study(directions=study.directions)
+    for trial in study.get_trials(deepcopy=False):
+        copy.add_trial(
+            optuna.trial.FrozenTrial(
+                number=trial.number,
+                state=trial.state,
+                value=None,
+                values=trial.values,
+                datetime_start=trial.datetime_start,
+                datetime_complete=trial.datetime_complete,
+                params={_short(k): v for k, v in trial.params.items()},
+                distributions={_short(k): d for k, d in trial.distributions.items()},
+                user_attrs={},
+                system_attrs={},
+                intermediate_values=dict(trial.intermediate_values),
+                trial_id=trial.number,
+            )
+        )
+    return copy
+
+
+def _readable_parallel(study: Any, plot: Any) -> Any:
+    """Optuna's parallel-coordinates plot with short, rotated axis labels."""
+    ax = plot(_short_named(study))
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    return ax
+
+
+def _importances(study: Any, plot: Any, count: int) -> Any:
+    """Optuna's importance plot, its title saying how many trials it rests on."""
+    ax = plot(study)
+    note = "" if count >= 20 else " (under 20 the ranking is mostly noise)"
+    ax.set_title(f"Importances from {count} complete trials{note}", loc="left", fontsize=11)
+    return ax
 
 
 def _summary(study: optuna.Study, folder: Path) -> None:
@@ -127,12 +253,11 @@ def _write_study_artifacts(study: optuna.Study, folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    complete = [
-        t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE
-    ]
+    every = study.get_trials(deepcopy=False)
+    complete = [t for t in every if t.state == optuna.trial.TrialState.COMPLETE]
     single = len(study.directions) == 1
     metric = str(study.user_attrs.get(METRIC_ATTR, "objective"))
-    searched = sorted({n for t in complete for n in t.params})
+    searched = sorted({n for t in every for n in t.params})
     rates = [
         n for n in searched if n.startswith("regularization.dropout.") and n.endswith("_rate")
     ]
@@ -140,8 +265,16 @@ def _write_study_artifacts(study: optuna.Study, folder: Path) -> list[Path]:
     if single:
         plots += [
             ("optimization_history.png", lambda: ovm.plot_optimization_history(study)),
-            ("param_importances.png", lambda: ovm.plot_param_importances(study)),
-            ("parallel_coordinates.png", lambda: ovm.plot_parallel_coordinate(study)),
+            (
+                "param_importances.png",
+                lambda: _importances(
+                    _short_named(study), ovm.plot_param_importances, len(complete)
+                ),
+            ),
+            (
+                "parallel_coordinates.png",
+                lambda: _readable_parallel(study, ovm.plot_parallel_coordinate),
+            ),
         ]
     else:
         plots.append(("pareto_front.png", lambda: ovm.plot_pareto_front(study)))
@@ -152,12 +285,26 @@ def _write_study_artifacts(study: optuna.Study, folder: Path) -> list[Path]:
             written.append(folder / name)
         except Exception as exc:
             log.info("skipped %s: %s", name, exc)
+    ended = [t for t in every if t.state.name in ("COMPLETE", "PRUNED")]
+    best = min(complete, key=lambda t: float(t.value or 0.0), default=None) if single else None
+    if best is not None and study.direction == optuna.study.StudyDirection.MAXIMIZE:
+        best = max(complete, key=lambda t: float(t.value or 0.0))
+    if single and _learning_curves(every, metric, folder / "learning_curves.png", best):
+        written.append(folder / "learning_curves.png")
     if single and rates:
-        _scatter_by_kind(complete, rates, metric, folder / "metric_vs_dropout_rate.png")
+        _scatter_by_kind(ended, rates, metric, folder / "metric_vs_dropout_rate.png", best)
         written.append(folder / "metric_vs_dropout_rate.png")
     if single and L2 in searched:
-        _scatter_by_kind(complete, [L2], metric, folder / "metric_vs_l2_strength.png", log_x=True)
+        _scatter_by_kind(
+            ended, [L2], metric, folder / "metric_vs_l2_strength.png", best, log_x=True
+        )
         written.append(folder / "metric_vs_l2_strength.png")
+    others = [n for n in searched if n not in rates and n not in (L2, KIND)]
+    numeric = [n for n in others if all(isinstance(t.params.get(n, 0.0), int | float)
+                                        for t in ended)]  # fmt: skip
+    if single and numeric:
+        _scatter_by_kind(ended, numeric, metric, folder / "metric_vs_other_params.png", best)
+        written.append(folder / "metric_vs_other_params.png")
     try:
         cfg = trial_config(study, best_trial(study))
         (folder / "best_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
