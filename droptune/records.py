@@ -70,6 +70,9 @@ STORAGE_TAG = "droptune.storage"
 BACKFILLED_TAG = "droptune.backfilled"
 CONFIRMATION_OF_TAG = "droptune.confirmation_of"
 CONFIRMED_BEST_TAG = "droptune.confirmed_best_trial"
+#: On the study's run: its best trial's number and that trial's run.
+BEST_TRIAL_TAG = "droptune.best_trial"
+BEST_RUN_TAG = "droptune.best_run_id"
 
 #: How much of a failure is kept on the trial.
 REASON_CHARS = 1000

@@ -18,6 +18,8 @@ from typing import Any
 
 from droptune.exceptions import TrackingError
 from droptune.records import BACKFILLED_TAG
+from droptune.records import BEST_RUN_TAG
+from droptune.records import BEST_TRIAL_TAG
 from droptune.records import DEVICE_ATTR
 from droptune.records import EPOCHS_ATTR
 from droptune.records import ERROR_ATTR
@@ -512,12 +514,23 @@ class StudyTracking:
             for state in ("COMPLETE", "PRUNED", "FAIL")
         }
         metric = str(study.user_attrs.get(METRIC_ATTR, "objective"))
+        tags: dict[str, str] = {}
         if len(study.directions) == 1:
             with contextlib.suppress(ValueError):
                 metrics[f"best_{metric}"] = float(study.best_value)
+                # the study's run links its best trial's run (the confirmed best is tagged
+                # by `droptune confirm`)
+                best = study.best_trial
+                tags[BEST_TRIAL_TAG] = str(best.number)
+                run_id = self.run_id_of(best)
+                if run_id:
+                    tags[BEST_RUN_TAG] = run_id
+        from mlflow.entities import RunTag
+
         self.tracker.client.log_batch(
             parent,
             metrics=[Metric(k, v, now, step) for k, v in metrics.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
             synchronous=True,
         )
 

@@ -147,6 +147,11 @@ def test_every_trial_has_exactly_one_child_run_under_the_study_run(tracked: Trac
         t.state.name == "COMPLETE" for t in study_trials
     )
     assert "best_val_loss" in tracked.parent.data.metrics
+    # ... and links its best trial's run
+    best = min((t for t in study_trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert tracked.parent.data.tags["droptune.best_trial"] == str(best.number)
+    best_run = next(r for r in tracked.children if r.info.run_name == f"trial-{best.number}")
+    assert tracked.parent.data.tags["droptune.best_run_id"] == best_run.info.run_id
 
 
 def test_child_runs_hold_params_resolved_config_epoch_curves_and_tags(tracked: Tracked) -> None:
@@ -233,6 +238,7 @@ def test_parent_run_holds_the_study_artifacts(tracked: Tracked) -> None:
         "parallel_coordinates.png",
         "metric_vs_dropout_rate.png",
         "metric_vs_l2_strength.png",
+        "learning_curves.png",
         "best_config.yaml",
         "summary.md",
         "summary.csv",
