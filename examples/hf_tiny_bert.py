@@ -70,7 +70,7 @@ class TokenTask(pl.LightningDataModule):
     fraction of labels flipped so that a model can overfit the training split.
 
     Args:
-        n: Sequences (75 % train, 25 % validation).
+        n: Sequences (60 % train, 20 % validation, 20 % test).
         length: Tokens per sequence (no padding).
         vocab_size: Token ids 1 .. vocab_size - 1 (0 is padding).
         label_noise: Fraction of training labels flipped.
@@ -94,6 +94,7 @@ class TokenTask(pl.LightningDataModule):
         self.label_noise, self.batch_size, self.seed = label_noise, batch_size, seed
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
+        self.test_set: TensorDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         gen = torch.Generator().manual_seed(self.seed)
@@ -101,11 +102,12 @@ class TokenTask(pl.LightningDataModule):
         positive = ((tokens >= 1) & (tokens <= 4)).sum(dim=1)
         negative = ((tokens >= 5) & (tokens <= 8)).sum(dim=1)
         labels = (positive > negative).long()
-        cut = self.n * 3 // 4
+        cut, held = self.n * 3 // 5, self.n * 4 // 5
         flip = torch.rand(cut, generator=gen) < self.label_noise
         train_labels = torch.where(flip, 1 - labels[:cut], labels[:cut])
         self.train_set = TensorDataset(tokens[:cut], train_labels)
-        self.val_set = TensorDataset(tokens[cut:], labels[cut:])
+        self.val_set = TensorDataset(tokens[cut:held], labels[cut:held])
+        self.test_set = TensorDataset(tokens[held:], labels[held:])
 
     def train_dataloader(self) -> Any:
         assert self.train_set is not None
@@ -115,6 +117,10 @@ class TokenTask(pl.LightningDataModule):
     def val_dataloader(self) -> Any:
         assert self.val_set is not None
         return DataLoader(self.val_set, batch_size=self.batch_size)
+
+    def test_dataloader(self) -> Any:
+        assert self.test_set is not None
+        return DataLoader(self.test_set, batch_size=self.batch_size)
 
 
 def main() -> None:
