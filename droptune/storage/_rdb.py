@@ -39,7 +39,6 @@ _RETRIED = (
     "set_study_system_attr",
     "create_new_trial",
     "set_trial_param",
-    "set_trial_state_values",
     "set_trial_intermediate_value",
     "set_trial_user_attr",
     "set_trial_system_attr",
@@ -62,6 +61,20 @@ _RETRIED = (
 class DroptuneStorage(optuna.storages.RDBStorage):
     """An ``RDBStorage`` (same constructor) whose calls ride out a database outage, with
     batch writes for population rounds. ``droptune.storage.open_storage`` makes one."""
+
+    def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+        """Optuna's, except that making a WAITING trial RUNNING is one conditional update
+        (``... WHERE state = 'WAITING'``): Optuna reads the state, then writes it, which on
+        SQLite (no row locks) lets two workers that ask at once both take the same enqueued
+        trial, run it twice and tell it twice."""
+        from optuna.trial import TrialState
+
+        if state == TrialState.RUNNING and values is None:
+            return bool(retry_outage(lambda: _start_waiting(self, trial_id), "start_trial"))
+        parent = optuna.storages.RDBStorage.set_trial_state_values
+        return bool(
+            retry_outage(lambda: parent(self, trial_id, state, values), "set_trial_state_values")
+        )
 
     def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
         """Several user attributes of one trial in one transaction."""
@@ -100,6 +113,35 @@ def _retried(name: str) -> Any:
 
 for _name in _RETRIED:
     setattr(DroptuneStorage, _name, _retried(_name))
+
+
+def _start_waiting(storage: Any, trial_id: int) -> bool:
+    """WAITING → RUNNING for one trial, in one statement that only a WAITING trial matches:
+    of several processes asking at once, exactly one gets it (True); a trial that does not
+    exist or has finished raises as Optuna's ``set_trial_state_values`` does."""
+    from datetime import datetime
+
+    from optuna.trial import TrialState
+    from sqlalchemy import inspect as sa_inspect
+    from sqlalchemy import update
+
+    model: Any = models.TrialModel
+    with create_scoped_session(storage.scoped_session) as session:
+        trial = model.find_or_raise_by_id(trial_id, session)
+        storage.check_trial_is_updatable(trial_id, trial.state)
+        if trial.state != TrialState.WAITING:
+            return False
+        # the start time as the model stores it (as Optuna's own setter would)
+        column = model.__table__.c.datetime_start
+        probe = model(datetime_start=datetime.now())
+        stored = getattr(probe, sa_inspect(model).get_property_by_column(column).key)
+        table = model.__table__
+        result: Any = session.execute(
+            update(table)
+            .where(table.c.trial_id == trial_id, table.c.state == TrialState.WAITING)
+            .values(state=TrialState.RUNNING, datetime_start=stored)
+        )
+    return bool(result.rowcount == 1)
 
 
 def _check_updatable(storage: Any, ids: list[int], states: dict[int, Any]) -> None:
