@@ -31,3 +31,34 @@ def droptune_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DROPTUNE_CACHE_DIR", str(path))
         yield path
+
+
+#: Test modules whose tests start real studies, services or clusters (seconds to minutes each):
+#: the fast tier (``pytest -m "not slow"``) leaves them out, CI runs everything.
+SLOW_MODULES = {
+    "tests/deploy/test_slurm.py",
+    "tests/stack/test_stack_up.py",
+    "tests/stack/test_stack_cli.py",
+    "tests/storage/test_outages.py",
+    "tests/storage/test_waiting_race.py",
+    "tests/study/test_confirm.py",
+    "tests/study/test_faults.py",
+    "tests/study/test_no_wasted_trials.py",
+    "tests/study/test_population_mode.py",
+    "tests/study/test_runner.py",
+    "tests/study/test_task_index.py",
+    "tests/test_examples.py",
+    "tests/tracking/test_mlflow_down.py",
+    "tests/tracking/test_tracked_study.py",
+}
+#: Fixtures that start subprocesses or a database per test.
+SLOW_FIXTURES = {"procs", "tracked", "pg_url"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests of :data:`SLOW_MODULES` and those using :data:`SLOW_FIXTURES` as
+    ``slow`` (besides those marked by hand)."""
+    for item in items:
+        module = Path(str(item.fspath)).relative_to(ROOT).as_posix()
+        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
