@@ -51,7 +51,9 @@ def short_repr(value: Any) -> str:
 
 def check_document_size(data: Any, what: str, error: type[ConfigError] = ConfigError) -> None:
     """Refuse a parsed document with more than :data:`MAX_VALUES` values (counting every use
-    of a YAML alias) or nested deeper than :data:`MAX_DEPTH`; the walk stops at the limit."""
+    of a YAML alias) or nested deeper than :data:`MAX_DEPTH`, or with a NUL character in a
+    string (every path and URL API refuses it with a bare ValueError); the walk stops at the
+    limit."""
     stack: list[tuple[Any, int]] = [(data, 1)]
     count = 0
     while stack:
@@ -66,6 +68,11 @@ def check_document_size(data: Any, what: str, error: type[ConfigError] = ConfigE
             raise error(
                 f"{what}: nested too deeply: more than {MAX_DEPTH} levels (or a recursive "
                 "YAML alias)"
+            )
+        if isinstance(node, str) and "\x00" in node:
+            raise error(
+                f"{what}: a value holds a NUL character ({short_repr(node)}): no path, URL or "
+                "name may contain one"
             )
         if isinstance(node, dict):
             stack.extend((value, depth + 1) for value in node.values())

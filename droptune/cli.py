@@ -687,9 +687,13 @@ def _study_tracking(study: str, storage: str | None, tracking_uri: str | None) -
 
 
 def _check_tracking_uri(uri: str) -> None:
+    """A ``--tracking-uri`` of ``sync``/``report``/``ui``: usable, and its database reachable
+    (these commands only talk to MLflow; its client would retry for minutes)."""
+    from droptune.tracking._client import check_tracking_database
     from droptune.tracking._client import check_tracking_uri
 
     check_tracking_uri(uri, "--tracking-uri")
+    check_tracking_database(uri, "--tracking-uri", required=True)
 
 
 def _mask(text: str) -> str:

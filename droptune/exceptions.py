@@ -62,6 +62,13 @@ class TrackingError(DroptuneError):
     """MLflow tracking failed in a way the caller must know about."""
 
 
+class TrackingUnreachable(TrackingError):
+    """The MLflow server or tracking database cannot be reached (the environment failed at run
+    time: exit code 1)."""
+
+    exit_code = 1
+
+
 class DroptuneWarning(UserWarning):
     """Something droptune worked around and the user should know about (e.g. an example
     forward that failed, so :func:`droptune.apply` decided sites from registration order)."""

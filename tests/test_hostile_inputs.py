@@ -83,6 +83,8 @@ SPECS: dict[str, str] = {
         }
     ),
     "empty-mapping.yaml": "{}\n",
+    "nul-storage.yaml": _spec(storage="sqlite:///x\x00.db"),
+    "nul-code-dir.yaml": _dump({**TINY, "code_dir": "a\x00b"}),
 }
 CSVS = {
     "good.csv": "a,b,label\n1,2,0\n3,4,1\n5,6,0\n",
@@ -148,6 +150,10 @@ ROWS: list[tuple[list[str], str]] = [
     (["run", "valid.yaml", "--storage", "{db}", "--timeout", "inf"], "--timeout"),
     (["run", "valid.yaml", "--storage", "{db}", "--timeout", "nan"], "--timeout"),
     (["worker", "valid.yaml", "--storage", "{db}", "--deadline", "inf"], "--deadline"),
+    # a NUL character in any value (paths, URLs): one message, not a bare ValueError
+    (["run", "nul-storage.yaml"], "NUL"),
+    (["run", "nul-code-dir.yaml"], "NUL"),
+    (["train", "nul-code-dir.yaml", "--output", "out"], "NUL"),
     # usage errors: one line too
     (["run", "valid.yaml", "--workers", "-1"], "--workers"),
     (["run", "valid.yaml", "--n-trials", "abc"], "--n-trials"),
@@ -351,3 +357,26 @@ def test_user_code_is_imported_from_the_environment_or_the_specs_folder_only(
     (specs / "missing.yaml").write_text(_user_model_spec("../nowhere"))
     done = _console(["run", str(specs / "missing.yaml"), "--storage", db], cwd)
     assert done.returncode == 2 and "code_dir" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["postgresql+psycopg://u:pw/123@127.0.0.1:1/x", "http://u:pw/123@127.0.0.1:1"],
+)
+def test_an_unreachable_tracking_store_exits_1_in_one_line_with_the_password_masked(
+    uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``sync`` talks only to MLflow: an unreachable tracking store is the environment failing
+    (exit 1), said in one line at once (MLflow's client would retry for minutes), and a
+    password with a raw ``/`` is masked whole."""
+    import time
+
+    with _sandbox() as tmp:
+        db = f"sqlite:///{tmp / 'study.db'}"
+        assert _cli(["run", "valid.yaml", "--storage", db, "--workers", "0"], capsys)[0] == 0
+        started = time.monotonic()
+        code, out, err = _cli(["sync", "tiny", "--storage", db, "--tracking-uri", uri], capsys)
+        assert code == 1, err
+        assert "pw/123" not in out + err and "123@" not in out + err, err
+        assert "unreachable" in err and len([x for x in err.splitlines() if x.strip()]) == 1
+        assert time.monotonic() - started < 60, "MLflow's own retries were not cut short"

@@ -21,10 +21,14 @@ _DRIVERS = ("sqlite", "postgresql", "mysql")
 
 #: What a password is shown as.
 MASK = "***"
-#: The password of ``scheme://user:password@host``: up to the *last* ``@`` before the path,
-#: so that a raw ``@`` or ``#`` in a password (which SQLAlchemy would split at) is masked whole;
-#: bounded, so that a long line costs linear time. (``mask_url`` also masks a raw ``/``.)
-_PASSWORD_IN_URL = re.compile(r"(\b[A-Za-z][\w+.-]*://[^:/@\s'\"]{0,256}:)([^\s'\"/?]{1,256})(@)")
+#: The password of ``scheme://user:password@host``: everything up to the *last* ``@`` of the
+#: URL, so that a raw ``@``, ``#``, ``/`` or ``?`` in a password (which parsers split at) is
+#: masked whole; but not ``host:port/...`` (a numeric port after the colon), whose later
+#: ``@`` (an e-mail in a query) is no password. Bounded, so a long line costs linear time.
+_PASSWORD_IN_URL = re.compile(
+    r"(\b[A-Za-z][\w+.-]*://[^:/@\s'\"]{0,256}:)(?!\d{1,5}(?:[/?#\s'\"]|$))"
+    r"([^\s'\"]{1,256})(@)"
+)
 
 
 #: Query or DSN parameters that carry a credential (``?password=...``, libpq's
@@ -86,28 +90,17 @@ class MaskingFilter(logging.Filter):
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (safe for logs, tags and messages). An
-    ``http(s)`` URL (an MLflow server) is read as browsers read it, a database URL as
-    SQLAlchemy reads it (it connects with what it parses)."""
-    if url.lower().startswith(("http://", "https://")):
-        from urllib.parse import urlsplit
-
+    """The URL with any password replaced by ``***`` (safe for logs, tags and messages). A
+    database URL is also read as SQLAlchemy reads it (it connects with what it parses)."""
+    if not url.lower().startswith(("http://", "https://")):
         try:
-            password = urlsplit(url).password
-        except ValueError:
-            return _mask_credentials(url)
-        if password is None:  # nothing in the userinfo to mask: a later @ is not one
-            return _SECRET_PARAM.sub(rf"\g<1>{MASK}", url)
-        return _mask_credentials(url)
-    try:
-        from sqlalchemy.engine import make_url
+            from sqlalchemy.engine import make_url
 
-        parsed = make_url(url)
-    except Exception:
-        return _mask_credentials(url)
-    if parsed.password is None:
-        return _SECRET_PARAM.sub(rf"\g<1>{MASK}", url)
-    url = parsed.render_as_string(hide_password=True)
+            parsed = make_url(url)
+            if parsed.password is not None:
+                url = parsed.render_as_string(hide_password=True)
+        except Exception:
+            pass
     # not the environment's values: a masked URL is stored (the study's tracking URI) and a
     # password that happens to be a word of a path must not change it
     return _mask_credentials(url)

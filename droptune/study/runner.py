@@ -124,6 +124,9 @@ def create_study(
     """
     import droptune
 
+    # configs to start from, read before the study's storage is created (a source study that
+    # cannot be read leaves nothing behind), and only by the process that creates the study
+    starts = start_configs(spec) if not _study_exists(storage_url, study_name) else []
     # With the spec's heartbeat settings, so that reap_trials() can fail (and retry) trials
     # whose worker died, as the workers do.
     storage = open_storage(
@@ -132,10 +135,6 @@ def create_study(
         grace_period=spec.execution.grace_period,
     )
     directions = spec.study.study_directions
-    # configs to start from, read before the study exists (a source study that cannot be read
-    # leaves nothing behind), and only by the process that creates it
-    new = study_name not in optuna.study.get_all_study_names(storage)
-    starts = start_configs(spec) if new else []
     study = optuna.create_study(
         storage=storage,
         study_name=study_name,
@@ -222,17 +221,38 @@ def _first_budget(
         return existing
     if study.get_trials(deepcopy=False):
         return n_trials
-    _enqueue_baseline(study, spec)
+    baseline = _enqueue_baseline(study, spec)
+    seen = [] if baseline is None else [baseline]
+    room = n_trials - len(seen)
     for params, origin in starts:
+        if params in seen:  # the baseline's config, or one given twice: one trial is enough
+            continue
+        if room <= 0:
+            log.warning(
+                "start_from: the budget of %d trials is used up; %s and the configs after it "
+                "are not enqueued",
+                n_trials,
+                origin,
+            )
+            break
         study.enqueue_trial(params, user_attrs={STARTED_FROM_ATTR: origin})
-    if len(starts) + int(spec.study.baseline) > n_trials:
-        log.warning(
-            "start_from: %d configs to start from (and the baseline) in a budget of %d "
-            "trials: the last ones will not run",
-            len(starts),
-            n_trials,
-        )
+        seen.append(params)
+        room -= 1
     return n_trials
+
+
+def _study_exists(url: str, name: str) -> bool:
+    """Whether the storage of ``url`` holds the study ``name`` (nothing is created)."""
+    from droptune.exceptions import StorageError
+    from droptune.exceptions import StorageUnreachable
+
+    try:
+        existing = open_storage(url, existing=True)
+    except StorageUnreachable:
+        raise
+    except StorageError:  # no such storage yet
+        return False
+    return name in optuna.study.get_all_study_names(existing)
 
 
 def start_configs(spec: StudySpec) -> list[tuple[dict[str, Any], str]]:
@@ -249,10 +269,14 @@ def start_configs(spec: StudySpec) -> list[tuple[dict[str, Any], str]]:
     configs = [(dict(params), f"start_from.params[{i}]") for i, params in enumerate(start.params)]
     if start.study is None:
         return configs
+    from droptune.exceptions import StorageError
     from droptune.export import load_study
 
     source = start.study
-    other = load_study(source.name, source.storage or default_url(source.name))
+    try:
+        other = load_study(source.name, source.storage or default_url(source.name))
+    except StorageError as exc:  # the unreachable kind (exit 1) stays what it is
+        raise type(exc)(f"start_from.study: {exc}") from None
     if len(other.directions) != 1:
         raise SpecError(
             f"start_from.study: study {source.name!r} has {len(other.directions)} objectives; "
@@ -285,7 +309,8 @@ def start_configs(spec: StudySpec) -> list[tuple[dict[str, Any], str]]:
     return configs
 
 
-def _enqueue_baseline(study: optuna.Study, spec: StudySpec) -> None:
+def _enqueue_baseline(study: optuna.Study, spec: StudySpec) -> dict[str, Any] | None:
+    """Enqueue the baseline trial (the spec's own config); its params, or None."""
     if spec.study.baseline:
         base = spec.base
         missing = baseline_gaps(spec, base)
@@ -301,7 +326,10 @@ def _enqueue_baseline(study: optuna.Study, spec: StudySpec) -> None:
                 spec.sampler.name,
             )
         else:
-            study.enqueue_trial(baseline_params(spec, base), user_attrs={BASELINE_ATTR: True})
+            params = baseline_params(spec, base)
+            study.enqueue_trial(params, user_attrs={BASELINE_ATTR: True})
+            return params
+    return None
 
 
 def study_budget(storage_url: str, study_name: str) -> int | None:

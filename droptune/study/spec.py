@@ -366,6 +366,12 @@ def _check_start_from(spec: StudySpec, recorded: bool) -> None:
     source study is single-objective like this one, and its name and storage are usable."""
     start = spec.start_from
     assert start is not None
+    if len(start.params) + int(spec.study.baseline) > spec.n_trials:
+        raise SpecError(
+            f"start_from.params: {len(start.params)} configs"
+            f"{' and the baseline' if spec.study.baseline else ''} do not fit in n_trials "
+            f"{spec.n_trials}; give fewer or raise n_trials"
+        )
     for i, params in enumerate(start.params):
         field = f"start_from.params[{i}]"
         if not params:

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from droptune.exceptions import TrackingError
+from droptune.exceptions import TrackingUnreachable
 from droptune.records import ERROR_TAG
 from droptune.records import ROLE_TAG
 from droptune.records import STUDY_TAG
@@ -81,7 +82,7 @@ def check_tracking_uri(uri: str, field: str) -> str:
     return uri
 
 
-def check_tracking_database(uri: str, field: str) -> None:
+def check_tracking_database(uri: str, field: str, required: bool = False) -> None:
     """Connect once to a database tracking store (``postgresql``/``mysql``) before anything
     is created: MLflow's client retries a database that does not exist for minutes. A store
     that cannot be opened as given (no such database, a wrong password) is a SpecError (exit
@@ -105,6 +106,12 @@ def check_tracking_database(uri: str, field: str) -> None:
             pass
     except Exception as exc:
         text = mask_text((str(exc).splitlines() or [type(exc).__name__])[0])
+        if is_outage(exc) and required:  # a command that only talks to MLflow: it cannot go on
+            from droptune.exceptions import TrackingUnreachable
+
+            raise TrackingUnreachable(
+                f"{field}: the tracking database {mask_text(uri)!r} is unreachable: {text}"
+            ) from None
         if is_outage(exc):
             log.warning(
                 "%s: the tracking database %r is unreachable (%s): trials are recorded in "
@@ -231,7 +238,7 @@ class Tracker:
             except TrackingError:
                 raise
             except Exception as exc:
-                raise TrackingError(
+                raise TrackingUnreachable(
                     f"MLflow at {self.masked_uri} is unreachable: {_short(exc, self.uri)}"
                 ) from None
         return self._experiment_id

@@ -32,6 +32,10 @@ from droptune.storage import mask_url
         ("postgresql://u:p@ss@h/db", "postgresql://u:***@h/db"),
         ("postgresql://u:a@b#c@h:5432/db?x=1", "postgresql://u:***@h:5432/db?x=1"),
         ("http://mlflow:5000/x?owner=me@corp.com", "http://mlflow:5000/x?owner=me@corp.com"),
+        # raw / and ? in a password, in free text too (an "unreachable" warning)
+        ("at postgresql://u:pw/123@127.0.0.1:1/x", "at postgresql://u:***@127.0.0.1:1/x"),
+        ("http://u:pw/123@127.0.0.1:1 is down", "http://u:***@127.0.0.1:1 is down"),
+        ("postgresql://u:SECRET12?x@host/db", "postgresql://u:***@host/db"),
     ],
 )
 def test_mask_text(text: str, expected: str) -> None:

@@ -11,6 +11,7 @@ import optuna
 import pytest
 
 from droptune.cli import main
+from tests.study.helpers import DELETE
 from tests.study.helpers import SpecWriter
 from tests.test_fuzz import _no_study_anywhere
 
@@ -94,7 +95,8 @@ def test_a_study_starts_from_the_top_trials_of_another(
         ({"params": [{}]}, "start_from.params[0]: an empty config"),
         ({"study": {"name": "../x"}}, "start_from.study.name"),
         ({"study": {"name": "nowhere", "top_k": 0}}, "start_from.study.top_k"),
-        ({"study": {"name": "nowhere"}}, "no such storage"),
+        ({"study": {"name": "nowhere"}}, "start_from.study: no such storage"),
+        ({"params": [{"regularization.l2.strength": 1e-4}] * 3}, "do not fit in n_trials 3"),
         ({"studyy": {"name": "x"}}, "start_from.studyy"),
     ],
 )
@@ -107,9 +109,39 @@ def test_bad_start_from_is_refused_naming_the_field_and_creates_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    path = write_spec(study={"name": "bad"}, start_from=start_from)
+    # the default storage (runs/bad/droptune.db): not even an empty database file is left
+    path = write_spec(study={"name": "bad"}, start_from=start_from, storage=DELETE)
+    before = sorted(tmp_path.rglob("*"))
     capsys.readouterr()
     assert main(["run", str(path), "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert field in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(tmp_path.rglob("*")) == before
     _no_study_anywhere(tmp_path)
+
+
+def test_a_source_config_equal_to_the_baseline_is_not_enqueued_twice(
+    write_spec: SpecWriter, sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.study.helpers import TINY
+
+    dropout = TINY["regularization"]["dropout"]
+    baseline = {
+        "regularization.dropout.kind": dropout["kind"],
+        "regularization.dropout.hidden_rate": dropout["hidden_rate"],
+    }
+    path = write_spec(
+        study={"name": "twice"},
+        search={
+            "regularization.dropout.kind": {"choices": ["none", "standard"]},
+            "regularization.dropout.hidden_rate": {"low": 0.0, "high": 0.5},
+        },
+        start_from={"params": [baseline, {**baseline, "regularization.dropout.hidden_rate": 0.4}]},
+        n_trials=3,
+    )
+    assert main(["run", str(path), "--workers", "0"]) == 0
+    waiting = _waiting(sqlite_url, "twice")
+    assert [_fixed(t) for t in waiting] == [
+        baseline,
+        {**baseline, "regularization.dropout.hidden_rate": 0.4},
+    ]
