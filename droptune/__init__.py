@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from droptune.layers import max_norm_
     from droptune.layers import mc_predict
     from droptune.layers import param_groups
+    from droptune.study.api import run_study
     from droptune.training import build_datamodule
     from droptune.training import build_module
     from droptune.training import build_trainer
@@ -54,6 +55,7 @@ if not TYPE_CHECKING:  # mypy sees the imports above, and flags a misspelled nam
             **dict.fromkeys(
                 ("build_datamodule", "build_module", "build_trainer"), "droptune.training"
             ),
+            "run_study": "droptune.study.api",
         },
     )
 
@@ -86,4 +88,5 @@ __all__ = [
     "max_norm_",
     "mc_predict",
     "param_groups",
+    "run_study",
 ]
