@@ -54,10 +54,10 @@ def check_document_size(data: Any, what: str, error: type[ConfigError] = ConfigE
     of a YAML alias) or nested deeper than :data:`MAX_DEPTH`, or with a NUL character in a
     string (every path and URL API refuses it with a bare ValueError); the walk stops at the
     limit."""
-    stack: list[tuple[Any, int]] = [(data, 1)]
+    stack: list[tuple[Any, int, str]] = [(data, 1, "")]
     count = 0
     while stack:
-        node, depth = stack.pop()
+        node, depth, path = stack.pop()
         count += 1
         if count > MAX_VALUES:
             raise error(
@@ -71,13 +71,16 @@ def check_document_size(data: Any, what: str, error: type[ConfigError] = ConfigE
             )
         if isinstance(node, str) and "\x00" in node:
             raise error(
-                f"{what}: a value holds a NUL character ({short_repr(node)}): no path, URL or "
+                f"{path or what}: holds a NUL character ({short_repr(node)}): no path, URL or "
                 "name may contain one"
             )
         if isinstance(node, dict):
-            stack.extend((value, depth + 1) for value in node.values())
+            stack.extend(
+                (value, depth + 1, f"{path}.{key}" if path else str(key))
+                for key, value in node.items()
+            )
         elif isinstance(node, list | tuple | set | frozenset):
-            stack.extend((value, depth + 1) for value in node)
+            stack.extend((value, depth + 1, f"{path}[{i}]") for i, value in enumerate(node))
 
 
 class StrictModel(BaseModel):
