@@ -900,6 +900,10 @@ def _root(
 
     global _VERBOSE
     _VERBOSE = verbose
+    import os
+
+    # no usage reports from MLflow's client (an offline host would wait for them at exit)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if not verbose:  # Optuna's INFO lines ("Using an existing study ...") only with -v
         import os
 
