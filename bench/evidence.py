@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAMILIES: dict[str, dict[str, Any]] = {
     "mnist1d-mlp": {"spec": "studies/mnist1d-mlp.yaml", "trials": 48, "population": 12},
     "mnist1d-cnn": {"spec": "studies/mnist1d-cnn.yaml", "trials": 32, "population": 8},
-    "mnist1d-gru": {"spec": "studies/mnist1d-gru.yaml", "trials": 8, "population": 4},
+    "mnist1d-gru": {"spec": "studies/mnist1d-gru.yaml", "trials": 16, "population": 4},
     "digits-mlp": {"spec": "studies/digits-mlp.yaml", "trials": 32, "population": 8},
 }
 #: MNIST-1D paper's test accuracies (4,000 training samples).
@@ -99,7 +99,17 @@ def fmt(values: list[float]) -> str:
 
 
 def test_accuracies(configs: list[Any]) -> list[float]:
-    """Test accuracy of each config's final weights (``droptune train``'s ``test_acc``)."""
+    """Test accuracy of each config's final weights (``droptune train``'s ``test_acc``).
+
+    Identical configs (an arm that equals another, such as the GRU spec default and "GRU
+    variational dropout", with the same seed) are trained once."""
+    keys = [json.dumps(config.to_dict(), sort_keys=True, default=str) for config in configs]
+    unique = list(dict.fromkeys(keys))
+    accs = dict(zip(unique, _train_and_test([configs[keys.index(k)] for k in unique]), strict=True))
+    return [accs[k] for k in keys]
+
+
+def _train_and_test(configs: list[Any]) -> list[float]:
     import torch
 
     from droptune.models import build_network
