@@ -105,7 +105,9 @@ def test_accuracies(configs: list[Any]) -> list[float]:
     variational dropout", with the same seed) are trained once."""
     keys = [json.dumps(config.to_dict(), sort_keys=True, default=str) for config in configs]
     unique = list(dict.fromkeys(keys))
-    accs = dict(zip(unique, _train_and_test([configs[keys.index(k)] for k in unique]), strict=True))
+    accs = dict(
+        zip(unique, _train_and_test([configs[keys.index(k)] for k in unique]), strict=True)
+    )
     return [accs[k] for k in keys]
 
 
