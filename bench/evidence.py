@@ -54,6 +54,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
 #: MNIST-1D paper's test accuracies (4,000 training samples).
 PUBLISHED = {"mnist1d-mlp": 0.68, "mnist1d-cnn": 0.94, "mnist1d-gru": 0.91}
 EVAL_SEEDS = 5
+#: Most members trained together when evaluating (bounds memory).
+MAX_POPULATION = 40
 TOP_K, CONFIRM_SEEDS = 3, 3
 
 #: Pruners replayed over the recorded curves: (label, spec pruner section).
@@ -124,7 +126,12 @@ def _train_and_test(configs: list[Any]) -> list[float]:
     groups: dict[str, list[int]] = {}
     for index, config in enumerate(configs):
         groups.setdefault(config.regularization.dropout.kind, []).append(index)
-    for indices in groups.values():
+    chunks = [
+        indices[start : start + MAX_POPULATION]
+        for indices in groups.values()
+        for start in range(0, len(indices), MAX_POPULATION)
+    ]
+    for indices in chunks:
         members = [configs[i] for i in indices]
         if len(members) > 1 and population_support(members) is None:
             data = build_datamodule(members[0])

@@ -23,7 +23,7 @@ from droptune.study.space import short_name
 
 
 if TYPE_CHECKING:
-    from droptune.study.runner import _Signals
+    from droptune.processes import SignalFlag
 
 __all__ = ["STATUS_EVERY_S", "TRIAL_LINE_CHARS", "best_so_far", "watch"]
 
@@ -44,7 +44,7 @@ def watch(
     procs: list[subprocess.Popen[bytes]],
     total: int,
     progress: bool,
-    received: _Signals,
+    received: SignalFlag,
 ) -> None:
     """Poll the storage until every worker has exited: a progress bar on a terminal, one line
     per finished trial above it (or, without a terminal, those lines and a status line every

@@ -12,12 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 import logging
-import os
 from pathlib import Path
 import signal
 import subprocess
-import sys
-import threading
 import time
 from typing import Any
 import uuid
@@ -25,6 +22,7 @@ import uuid
 import optuna
 
 from droptune.exceptions import SpecError
+from droptune.processes import SignalFlag
 from droptune.records import BASELINE_ATTR
 from droptune.records import FAIL_REASON_ATTR
 from droptune.records import METRIC_ATTR
@@ -46,6 +44,8 @@ from droptune.study.devices import check_gpu_ids
 from droptune.study.devices import plan_workers
 from droptune.study.factories import make_pruner
 from droptune.study.factories import make_sampler
+from droptune.study.launcher import WorkerLaunch
+from droptune.study.launcher import start_workers
 from droptune.study.progress import best_so_far as _best
 from droptune.study.progress import watch
 from droptune.study.slots import Slots
@@ -431,15 +431,18 @@ def run_study(
     prefix = f"run-{uuid.uuid4().hex[:8]}"
     procs: list[subprocess.Popen[bytes]] = []
     interrupted = False
-    received = _Signals()
-    restore = _trap_signals(received)
+    received = SignalFlag()
     try:
-        size = population or execution.population
-        if size and size > 1:
-            _announce_population(spec, size)
-        _start_workers(procs, plan, spec_path, url, name, prefix, total, deadline, graceful, size)
-        watch(study, procs, total, progress, received)
-        received.check()  # a signal that arrived as the last worker exited
+        with received.trapped():
+            size = population or execution.population
+            if size and size > 1:
+                _announce_population(spec, size)
+            launch = WorkerLaunch(
+                str(spec_path), name, url, total, prefix, deadline, graceful, size
+            )
+            start_workers(launch, plan, procs)
+            watch(study, procs, total, progress, received)
+            received.check()  # a signal that arrived as the last worker exited
     except KeyboardInterrupt:
         interrupted = True
         log.info("interrupted: stopping %d workers", len(procs))  # `run` ends saying so
@@ -455,8 +458,6 @@ def run_study(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    finally:
-        restore()
     codes = [proc.wait() for proc in procs]
     reap_trials(
         study,
@@ -551,79 +552,3 @@ def _announce_population(spec: StudySpec, size: int) -> None:
         log.info("population mode: each worker trains up to %d trials as one network", size)
     else:
         log.warning("population mode is not available (%s): trials run one at a time", reason)
-
-
-class _Signals:
-    """SIGINT/SIGTERM received while workers run, recorded by the handler and acted on by the
-    watch loop. Raising from the handler itself is unreliable: when the signal lands in a
-    finalizer or a weakref callback Python swallows the exception, and ``run`` would then miss
-    a Ctrl-C and report graceful workers' early exit as a failure."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def check(self) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt(f"signal {self.signum}")
-
-
-def _trap_signals(received: _Signals) -> Any:
-    """Record SIGINT and SIGTERM in ``received`` (SIGTERM would otherwise end ``run`` at once
-    and leave its workers running). Returns the function that restores the handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def on_signal(signum: int, frame: Any) -> None:
-        received.signum = signum
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    return restore
-
-
-def _start_workers(
-    procs: list[subprocess.Popen[bytes]],
-    plan: list[dict[str, Any]],
-    spec_path: Path,
-    url: str,
-    name: str,
-    prefix: str,
-    total: int,
-    deadline: float | None,
-    graceful: bool,
-    population: int | None = None,
-) -> None:
-    """Start one ``droptune worker`` process per plan entry (appended to ``procs`` as they
-    start, so that an interruption meanwhile stops those already running). The storage URL
-    goes in the environment (``DROPTUNE_STORAGE``), never on a command line ``ps`` shows."""
-    for index, entry in enumerate(plan):
-        cmd = [
-            sys.executable,
-            "-P",  # the working directory is not importable (as for the console script)
-            "-m",
-            "droptune.cli",
-            "worker",
-            str(spec_path),
-            "--study-name",
-            name,
-            "--owner",
-            f"{prefix}-{index}",
-            "--worker-index",
-            str(index),
-            "--n-trials",
-            str(total),
-        ]
-        if deadline is not None:
-            cmd += ["--deadline", repr(deadline)]
-        if graceful:
-            cmd.append("--graceful")
-        if population and population > 1:
-            cmd += ["--population", str(population)]
-        for key, value in entry["overrides"].items():
-            cmd += ["--set", f"{key}={value}"]
-        env = {**os.environ, **entry["env"], "PYTHONUNBUFFERED": "1", "DROPTUNE_STORAGE": url}
-        procs.append(subprocess.Popen(cmd, env=env))
