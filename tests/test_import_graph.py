@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, ...]] = [
         "droptune.study.slots",
         "droptune.study.factories",
     ),
+    ("droptune.study.outcome",),
     ("droptune.study.objective", "droptune.study.confirm", "droptune.study.population"),
     ("droptune.export",),
     ("droptune.tracking",),

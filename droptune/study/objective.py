@@ -19,7 +19,6 @@ from droptune import timing
 from droptune.records import BASELINE_ATTR
 from droptune.records import DEVICE_ATTR
 from droptune.records import DUPLICATE_ATTR
-from droptune.records import EPOCHS_ATTR
 from droptune.records import FAIL_REASON_ATTR
 from droptune.records import HOST_ATTR
 from droptune.records import OOM_ATTR
@@ -27,11 +26,15 @@ from droptune.records import OVERRIDES_ATTR
 from droptune.records import PRUNED_AT_EPOCH_ATTR
 from droptune.records import RSS_ATTR
 from droptune.records import SEED_ATTR
-from droptune.records import STOPPED_EARLY_ATTR
 from droptune.records import WORKER_ATTR
 from droptune.records import failure_attrs
 from droptune.storage import is_enqueued
 from droptune.storage import set_user_attrs
+from droptune.study.outcome import GAP_METRIC
+from droptune.study.outcome import Fitted
+from droptune.study.outcome import TrialFailed
+from droptune.study.outcome import result_attrs
+from droptune.study.outcome import trial_outcome
 from droptune.study.sampling import FinishedConfigs
 from droptune.study.space import suggest
 
@@ -55,11 +58,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Derived objective: final ``val_loss - train_loss`` (how much the model overfits).
-GAP_METRIC = "val_train_gap"
-
-
-class TrialFailed(Exception):
-    """A trial could not produce a usable value (NaN/inf metric, missing metric)."""
 
 
 class DuplicateConfig(TrialFailed):
@@ -107,14 +105,6 @@ class PruningCallback(pl.Callback):
         if not self.exempt and self.trial.should_prune():
             self.trial.set_user_attr(PRUNED_AT_EPOCH_ATTR, epoch)
             raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.monitor}={number:.6g})")
-
-
-def result_attrs(epochs: int, stopped_early: bool, final: dict[str, float]) -> dict[str, Any]:
-    """A finished fit's user attributes: epochs trained, whether early stopping ended it, and
-    ``metric.<name>`` for each finite final metric."""
-    attrs: dict[str, Any] = {EPOCHS_ATTR: epochs, STOPPED_EARLY_ATTR: stopped_early}
-    attrs.update({f"metric.{k}": v for k, v in final.items() if math.isfinite(v)})
-    return attrs
 
 
 def _rss_mb() -> float | None:
@@ -380,14 +370,13 @@ class Objective:
         if len(objectives) == 1 and self.spec.pruner.name != "none":
             callbacks.append(PruningCallback(trial, objectives[0]))
         result = self._fit_oom_safe(trial, cfg, callbacks)
-        final = dict(result.metrics)
-        if "val_loss" in final and "train_loss" in final:
-            final[GAP_METRIC] = final["val_loss"] - final["train_loss"]
-        set_user_attrs(trial, result_attrs(result.epochs, result.stopped_early, final))
-        if len(objectives) == 1:
-            value = self._best(objectives[0], directions[0], history.rows, final)
-            return value
-        return [self._final(m, final) for m in objectives]
+        fitted = Fitted(result.epochs, result.stopped_early, result.metrics, history.rows)
+        outcome = trial_outcome(fitted, objectives, directions)
+        set_user_attrs(trial, outcome.attrs)
+        if outcome.error is not None:  # __call__ records it again, with the traceback
+            raise outcome.error
+        assert outcome.values is not None
+        return outcome.values
 
     def _fit_oom_safe(self, trial: optuna.Trial, cfg: TrainConfig, callbacks: list[Any]) -> Any:
         """``fit``, turning an out-of-memory error into a failed trial with its reason, after
@@ -417,26 +406,3 @@ class Objective:
             reason = _oom_reason(exc, smaller) + f" (after a retry from batch size {batch_size})"
         _release_memory()
         raise TrialFailed(reason)
-
-    @staticmethod
-    def _final(metric: str, final: dict[str, float]) -> float:
-        if metric not in final:
-            raise TrialFailed(f"metric {metric!r} was not logged; logged: {', '.join(final)}")
-        value = final[metric]
-        if not math.isfinite(value):
-            raise TrialFailed(f"{metric} is {value} (the loss diverged)")
-        return value
-
-    @staticmethod
-    def _best(
-        metric: str, direction: str, rows: list[dict[str, float]], final: dict[str, float]
-    ) -> float:
-        values = [row[metric] for row in rows if metric in row]
-        if not values:
-            return Objective._final(metric, final)
-        if any(not math.isfinite(v) for v in values):
-            bad = next(v for v in values if not math.isfinite(v))
-            raise TrialFailed(
-                f"{metric} became {bad} at epoch {values.index(bad)} (the loss diverged)"
-            )
-        return min(values) if direction == "minimize" else max(values)

@@ -37,7 +37,6 @@ from droptune.data import build_datamodule
 from droptune.records import BASELINE_ATTR
 from droptune.records import FAIL_REASON_ATTR
 from droptune.records import POPULATION_ATTR
-from droptune.records import PRUNED_AT_EPOCH_ATTR
 from droptune.records import failure_attrs
 from droptune.storage import ParamBuffer
 from droptune.storage import ask_many
@@ -52,11 +51,10 @@ from droptune.storage import tell_trials
 from droptune.storage import trial_id_of
 from droptune.storage import trial_states
 from droptune.storage import with_storage
-from droptune.study.objective import GAP_METRIC
 from droptune.study.objective import DuplicateConfig
 from droptune.study.objective import Objective
-from droptune.study.objective import TrialFailed
-from droptune.study.objective import result_attrs
+from droptune.study.outcome import Fitted
+from droptune.study.outcome import trial_outcome
 
 
 if TYPE_CHECKING:
@@ -291,38 +289,26 @@ def _end(
     outcomes: list[tuple[optuna.Trial, TrialState, Any]] = []
     share = timing.since(clock, share=len(group))
     for member, result in zip(group, results, strict=True):
-        trial, history = member.trial, result.history
-        final = dict(result.metrics)
-        if "val_loss" in final and "train_loss" in final:
-            final[GAP_METRIC] = final["val_loss"] - final["train_loss"]
-        attrs = result_attrs(result.epochs, result.stopped_early, final)
+        fitted = Fitted(
+            result.epochs,
+            result.stopped_early,
+            result.metrics,
+            result.history,
+            pruned=result.pruned,
+            timed_out=result.timed_out,
+        )
+        outcome = trial_outcome(fitted, metrics, directions)
+        attrs = outcome.attrs
         attrs[POPULATION_ATTR] = len(group)
-        attrs.update(objective.end_attrs(history))
+        attrs.update(objective.end_attrs(result.history))
         attrs.update(_linked(objective, member))
         attrs[timing.TIMING_ATTR] = timing.add(member.asking, share)
-        records.append((trial, attrs))
-        if result.pruned:
-            attrs[PRUNED_AT_EPOCH_ATTR] = result.epochs - 1
-            outcomes.append((trial, TrialState.PRUNED, None))
-            continue
-        try:
-            if result.timed_out:
-                raise TrialFailed("the deadline passed while the trial was training")
-            if len(metrics) == 1:
-                values: float | list[float] = Objective._best(
-                    metrics[0], directions[0], history, final
-                )
-            else:
-                values = [Objective._final(m, final) for m in metrics]
-        except TrialFailed as exc:
-            attrs.update(failure_attrs(exc))
-            outcomes.append((trial, TrialState.FAIL, None))
-            continue
-        outcomes.append((trial, TrialState.COMPLETE, values))
+        records.append((member.trial, attrs))
+        outcomes.append((member.trial, outcome.state, outcome.values))
     set_user_attrs_many(records)
     told = tell_trials(group[0].trial.study, outcomes)
-    for member, outcome, recorded in zip(group, outcomes, told, strict=True):
-        _write_run(objective, member.trial, member.config, outcome[1], recorded)
+    for member, (_, state, _), recorded in zip(group, outcomes, told, strict=True):
+        _write_run(objective, member.trial, member.config, state, recorded)
 
 
 def _fail_members(objective: Objective, members: list[Member], exc: BaseException) -> None:
