@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from typing import Any
 import warnings
@@ -22,7 +23,6 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     from droptune.study.sampling import TrialSeededSampler
 
     cfg = spec.sampler
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if cfg.seed is None:  # every process draws its own entropy: nothing to replay
         return _sampler(spec, None)
     if cfg.name == "qmc":
@@ -30,8 +30,10 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
         # only the independent sampler (conditional parameters) seeded per trial.
         qmc_seed = cfg.seed
         return TrialSeededSampler(
-            lambda s: optuna.samplers.QMCSampler(
-                seed=qmc_seed, independent_sampler=optuna.samplers.RandomSampler(seed=s)
+            lambda s: _quiet(
+                lambda: optuna.samplers.QMCSampler(
+                    seed=qmc_seed, independent_sampler=optuna.samplers.RandomSampler(seed=s)
+                )
             ),
             cfg.seed,
             "qmc",
@@ -39,7 +41,19 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     return TrialSeededSampler(lambda s: _sampler(spec, s), cfg.seed, cfg.name)
 
 
+def _quiet(build: Callable[[], optuna.samplers.BaseSampler]) -> optuna.samplers.BaseSampler:
+    """``build()`` without Optuna's ExperimentalWarning (GP and QMC samplers warn on every
+    construction, once per trial here); the process's warning filters are left as they are."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return build()
+
+
 def _sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
+    return _quiet(lambda: _build_sampler(spec, seed))
+
+
+def _build_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
     cfg = spec.sampler
     startup: dict[str, Any] = (
         {} if cfg.n_startup_trials is None else {"n_startup_trials": cfg.n_startup_trials}
