@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from tests.test_fuzz import TINY
-from tests.test_fuzz import _cli
-from tests.test_fuzz import _cli_sandbox
-from tests.test_fuzz import _dump
-from tests.test_fuzz import _no_study_anywhere
-from tests.test_fuzz import _set
+from tests.fuzz.fuzzing import _cli
+from tests.fuzz.fuzzing import _cli_sandbox
+from tests.fuzz.fuzzing import _dump
+from tests.fuzz.fuzzing import _no_study_anywhere
+from tests.fuzz.fuzzing import _set
+from tests.study.helpers import TINY
 
 
 def _spec(**changes: Any) -> str:

@@ -11,9 +11,9 @@ import optuna
 import pytest
 
 from droptune.cli import main
+from tests.fuzz.fuzzing import _no_study_anywhere
 from tests.study.helpers import DELETE
 from tests.study.helpers import SpecWriter
-from tests.test_fuzz import _no_study_anywhere
 
 
 def _waiting(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
