@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import contextlib
 import copy
 from dataclasses import dataclass
+import json
 import logging
 import math
 import random
@@ -125,8 +126,30 @@ class FunctionalBuild:
     optimizer: UserOptimizer | None
 
 
-def _refuse(name: str, reason: str) -> PopulationUnsupported:
-    return PopulationUnsupported(f"{name} cannot train as a population: {reason}")
+#: Refusals that depend only on the model's structure, by :func:`_structure_key`: later rounds
+#: of the same study are refused without building P members again.
+_REFUSED: dict[str, str] = {}
+
+
+def _refuse(name: str, reason: str, structural: bool = True) -> PopulationUnsupported:
+    exc = PopulationUnsupported(f"{name} cannot train as a population: {reason}")
+    exc.structural = structural  # type: ignore[attr-defined]
+    return exc
+
+
+def _structure_key(configs: Sequence[TrainConfig]) -> str:
+    """What the structural checks depend on: model, data, dropout kind, precision, max-norm."""
+    first = configs[0]
+    return json.dumps(
+        [
+            first.model.model_dump(mode="json"),
+            first.data.model_dump(mode="json"),
+            first.regularization.dropout.kind,
+            first.train.precision,
+            any(c.regularization.max_norm is not None for c in configs),
+        ],
+        sort_keys=True,
+    )
 
 
 def model_name(config: TrainConfig) -> str:
@@ -216,13 +239,13 @@ def _same_floats(name: str, nets: Sequence[nn.Module]) -> None:
                 theirs is not None and math.isnan(theirs) and math.isnan(value)
             )
             if not same:
-                raise _refuse(
-                    name,
-                    f"{key} is a float the module reads itself (a dropout rate a library passes "
-                    f"to F.dropout or attention), and it differs between members: {value}, "
-                    f"{theirs}; one population holds one value of it (group the trials by it, "
-                    "or give the model a dropout module there)",
+                reason = (
+                    f"{key} is a float the module reads itself (a dropout rate a library "
+                    f"passes to F.dropout or attention), and it differs between members: "
+                    f"{value}, {theirs}; one population holds one value of it (group the "
+                    "trials by it, or give the model a dropout module there)"
                 )
+                raise _refuse(name, reason, structural=False)
 
 
 def _rates(name: str, nets: Sequence[nn.Module]) -> dict[str, Tensor]:
@@ -234,13 +257,16 @@ def _rates(name: str, nets: Sequence[nn.Module]) -> dict[str, Tensor]:
             continue
         values = []
         for net in nets:
-            p = net.get_submodule(path).p
+            other = net.get_submodule(path)
+            assert isinstance(other, DropoutBase)
+            p = other.p
             if isinstance(p, Tensor):
                 raise _refuse(name, f"{path} already holds population rates {tuple(p.shape)}")
             values.append(float(p))
         if any(values):
             module.set_rate(torch.tensor(values))
-            rates[f"{path}.p" if path else "p"] = module.p  # type: ignore[assignment]
+            assert isinstance(module.p, Tensor)
+            rates[f"{path}.p" if path else "p"] = module.p
     return rates
 
 
@@ -295,8 +321,8 @@ def _logged_call(
         for key, value in values.items():
             record(key, value)
 
-    module.log = record  # type: ignore[method-assign]
-    module.log_dict = record_dict  # type: ignore[method-assign]
+    module.log = record  # type: ignore[method-assign,assignment]
+    module.log_dict = record_dict  # type: ignore[method-assign,assignment]
     try:
         return getattr(module, step)(batch, 0), logged
     finally:
@@ -365,7 +391,11 @@ def _user_optimizer(name: str, module: pl.LightningModule, epochs: int) -> UserO
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optimizer, entry = _unpack(module.configure_optimizers())
-    kinds = {torch.optim.Adam: "adam", torch.optim.AdamW: "adam", torch.optim.SGD: "sgd"}
+    kinds: dict[type, Literal["adam", "sgd"]] = {
+        torch.optim.Adam: "adam",
+        torch.optim.AdamW: "adam",
+        torch.optim.SGD: "sgd",
+    }
     kind = kinds.get(type(optimizer))
     if kind is None:
         raise _refuse(
@@ -391,10 +421,10 @@ def _user_optimizer(name: str, module: pl.LightningModule, epochs: int) -> UserO
     if covered != trainable:
         raise _refuse(name, "configure_optimizers leaves trainable parameters out")
     return UserOptimizer(
-        kind,  # type: ignore[arg-type]
+        kind,
         _schedule(name, optimizer, entry, epochs),
         float(group.get("momentum", 0.0) or 0.0),
-        tuple(group.get("betas", (0.9, 0.999))),  # type: ignore[arg-type]
+        tuple(group.get("betas", (0.9, 0.999))),
         float(group.get("eps", 1e-8)),
     )
 
@@ -461,11 +491,29 @@ def build_functional(
         PopulationUnsupported: The model does not qualify (see the module docstring); the
             message names it and the reason.
     """
+    key = _structure_key(configs)
+    if key in _REFUSED:
+        raise PopulationUnsupported(_REFUSED[key])
+    try:
+        return _build(configs, data, device, dtype)
+    except PopulationUnsupported as exc:
+        if getattr(exc, "structural", False):
+            _REFUSED[key] = str(exc)
+        raise
+
+
+def _build(
+    configs: Sequence[TrainConfig],
+    data: TensorDataModule,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> FunctionalBuild:
     name = model_name(configs[0])
     try:
         modules = _members(configs, data)
     except Exception as exc:  # the single path reports its own error
-        raise _refuse(name, f"building its members failed ({_short(exc)})") from exc
+        reason = f"building its members failed ({_short(exc)})"
+        raise _refuse(name, reason, structural=False) from exc
     pairs = [_network(m) for m in modules]
     nets = [net for net, _ in pairs]
     name = f"{name} ({type(nets[0]).__name__})"
