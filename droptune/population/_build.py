@@ -558,15 +558,7 @@ def _probe(
     rows = sorted({0, network.size - 1})
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            network.train()
-            out = network(batch)
-            if out.dim() < 2 or out.shape[:2] != (network.size, len(batch)):
-                raise _refuse(name, f"its vmapped output has shape {tuple(out.shape)}")
-            out.float().square().mean().backward()
-            params = [p for p in network.parameters() if p.requires_grad]
-            if any(p.grad is not None and not bool(p.grad.isfinite().all()) for p in params):
-                raise _refuse(name, "its vmapped backward gives non-finite gradients")
-            network.eval()
+            network.eval()  # first: the training step below moves batch-norm statistics
             with torch.no_grad():
                 got = network(batch)
                 for row in rows:
@@ -579,6 +571,14 @@ def _probe(
                             "(it keeps tensors outside its parameters and buffers, or its "
                             "forward depends on state vmap does not see)",
                         )
+            network.train()
+            out = network(batch)
+            if out.dim() < 2 or out.shape[:2] != (network.size, len(batch)):
+                raise _refuse(name, f"its vmapped output has shape {tuple(out.shape)}")
+            out.float().square().mean().backward()
+            params = [p for p in network.parameters() if p.requires_grad]
+            if any(p.grad is not None and not bool(p.grad.isfinite().all()) for p in params):
+                raise _refuse(name, "its vmapped backward gives non-finite gradients")
     except PopulationUnsupported:
         raise
     except Exception as exc:  # whatever vmap refuses: one trial at a time
