@@ -283,3 +283,51 @@ def test_equal_library_rates_batch() -> None:
     configs = [first, first.with_overrides({"train.seed": 1})]
     results = train_population(configs)
     assert all(r.epochs == first.train.max_epochs for r in results)
+
+
+# ----------------------------------------------------------------------------------------------
+# in a study
+
+
+def _round(tmp_path: Any, target: str) -> list[Any]:
+    import optuna
+
+    from droptune.storage import open_storage
+    from droptune.study.objective import Objective
+    from droptune.study.population import population_round
+    from droptune.study.spec import spec_from_dict
+    from tests.study.helpers import DELETE
+    from tests.study.helpers import TINY
+    from tests.study.helpers import merge
+
+    model = {"family": "custom", "target": target, "hidden": DELETE}
+    search = {  # one dropout kind: one population
+        "regularization.dropout.hidden_rate": {"low": 0.0, "high": 0.5},
+        "regularization.l2.strength": {"low": 1.0e-6, "high": 1.0e-2, "log": True},
+    }
+    spec = spec_from_dict(
+        merge(TINY, {"model": model, "search": search, "pruner": {"name": "none"}})
+    )
+    study = optuna.create_study(
+        storage=open_storage(f"sqlite:///{tmp_path / 'round.db'}"),
+        study_name="round",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+    population_round(study, Objective(spec, worker="test"), [0, 1, 2], lambda s, t: None, print)
+    return study.get_trials()
+
+
+def test_a_study_round_trains_a_users_lightning_module_as_one_population(tmp_path: Any) -> None:
+    trials = _round(tmp_path, "tests.user_code.models:UserClassifier")
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert all(t.user_attrs["droptune.population"] == 3 for t in trials)
+
+
+def test_a_study_round_of_a_model_vmap_refuses_runs_one_at_a_time(
+    tmp_path: Any, caplog: Any
+) -> None:
+    with caplog.at_level("WARNING", logger="droptune.study.population"):
+        trials = _round(tmp_path, "tests.population._models:AutogradFunctionNet")
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3  # never failed by batching
+    assert all("droptune.population" not in t.user_attrs for t in trials)
+    assert any("AutogradFunctionNet" in r.getMessage() for r in caplog.records)
