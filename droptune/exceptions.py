@@ -13,6 +13,7 @@ __all__ = [
     "DroptuneError",
     "DroptuneWarning",
     "InputShapeError",
+    "PopulationUnsupported",
     "SpecError",
     "StorageError",
     "StorageUnreachable",
@@ -41,6 +42,12 @@ class ConfigError(DroptuneError, ValueError):
 
 class SpecError(ConfigError):
     """A study spec (YAML) is invalid: bad syntax, unknown section or key, bad search space."""
+
+
+class PopulationUnsupported(ConfigError):
+    """These configs, or the model they build, cannot train as one population (population mode):
+    the message names the module or field and the reason. Raised before any member trains;
+    callers train the trials one at a time instead, so batching never fails a trial."""
 
 
 class InputShapeError(DroptuneError, ValueError):

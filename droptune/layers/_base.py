@@ -3,6 +3,12 @@
 A rate is either a float ``p`` (one model) or a 1-D tensor of shape ``[P]`` (a *population* of P
 models trained as one batched network, whose activations have a leading ``[P, ...]`` axis). The
 mask arithmetic is written once here so that every kind treats both cases the same way.
+
+Inside ``torch.func.vmap`` over a population (``droptune.population``'s functional networks:
+the ``[P]`` rate buffer is passed, stacked, to ``functional_call``), a module sees one member: its
+rate is a 0-d tensor and its input has no ``P`` axis. That case is the single model's layout with
+a tensor rate: :attr:`DropoutBase.population` is ``None`` and :meth:`DropoutBase.keep_view` is
+a 0-d keep probability that broadcasts.
 """
 
 from __future__ import annotations
@@ -91,8 +97,11 @@ class DropoutBase(nn.Module):
 
     @property
     def population(self) -> int | None:
-        """The population size P when the rate is a ``[P]`` tensor, else ``None``."""
-        return int(self.p.numel()) if isinstance(self.p, Tensor) else None
+        """The population size P when the rate is a ``[P]`` tensor, else ``None`` (a float, or
+        one member's 0-d rate inside ``vmap``: the input has no population axis then)."""
+        if isinstance(self.p, Tensor) and self.p.dim() == 1:
+            return int(self.p.shape[0])
+        return None
 
     @property
     def skip(self) -> bool:
@@ -100,12 +109,15 @@ class DropoutBase(nn.Module):
         return not self.training or (not isinstance(self.p, Tensor) and self.p == 0.0)
 
     def keep_view(self, x: Tensor, ndim: int) -> Tensor:
-        """The keep probabilities ``1 - p`` shaped ``[P, 1, ..., 1]`` (``ndim`` dims) for ``x``.
+        """The keep probabilities ``1 - p`` shaped ``[P, 1, ..., 1]`` (``ndim`` dims) for ``x``
+        (a 0-d tensor for a 0-d rate, see the module docstring).
 
         Raises:
             InputShapeError: If ``x``'s leading axis is not the population size.
         """
         assert isinstance(self.p, Tensor)
+        if self.p.dim() == 0:  # one member's rate inside vmap: a scalar keep probability
+            return (1.0 - self.p).to(device=x.device, dtype=x.dtype)
         if x.dim() == 0 or x.shape[0] != self.p.numel():
             raise InputShapeError(
                 f"{self.kind} dropout with {self.p.numel()} population rates expects an input "

@@ -107,6 +107,11 @@ class StackedOptimizer:
             self._active_host = [bool(v) for v in mask]
             self.active = torch.tensor(self._active_host, device=self.lr.device).to(self.lr)
 
+    def set_lr(self, lr: float) -> None:
+        """One learning rate for every member from the next step on (a user's scheduler)."""
+        self.lr = torch.full_like(self.lr, lr)
+        self._lr_host = [lr] * len(self._lr_host)
+
     def zero_grad(self) -> None:
         for param in self.params:
             param.grad = None

@@ -4,6 +4,10 @@ A population is P networks of one architecture trained as one batched network on
 stream. So everything that changes shapes, the data or the device must be equal; members may
 differ in what only scales numbers: dropout rates, L2, max-norm, early stopping, seed, learning
 rate, momentum, gradient clipping and the number of epochs.
+
+This is the static check (no torch): a ``custom`` or ``transformer`` model is also checked and
+trial-run when its population is built (``prepare_population``), which may still refuse it with
+:class:`~droptune.exceptions.PopulationUnsupported`.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ __all__ = [
     "population_support",
 ]
 
-#: Model families with a population network.
-FAMILIES = ("mlp", "cnn", "rnn")
+#: Model families with a population network (hand-written stacked layers for mlp, cnn and rnn;
+#: built with ``torch.func`` from the members' own modules for transformer and custom).
+FAMILIES = ("mlp", "cnn", "rnn", "transformer", "custom")
 
 #: Data sources a population can train on (in-memory tensors built by droptune).
 DATA_NAMES = ("digits", "mnist1d", "synthetic", "csv")

@@ -15,34 +15,37 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Collection
-from collections.abc import Iterator
 from collections.abc import Sequence
-import contextlib
 from dataclasses import dataclass
 from dataclasses import field
 import math
 import time
-from typing import Any
 from typing import Literal
 
 import torch
 from torch import Tensor
-import torch.nn.functional as F
 
 from droptune.config import EarlyStoppingConfig
 from droptune.config import TrainConfig
 from droptune.data import TensorDataModule
 from droptune.data import build_datamodule
 from droptune.exceptions import ConfigError
-from droptune.population._networks import PopulationNetwork
-from droptune.population._networks import build_population
-from droptune.population._optim import StackedOptimizer
-from droptune.population._optim import stacked_max_norm_
+from droptune.exceptions import PopulationUnsupported
+from droptune.population._run import _device
+from droptune.population._run import _Run
 from droptune.population._support import population_support
 from droptune.timing import timed
 
 
-__all__ = ["EarlyStopper", "MemberResult", "OnEpoch", "OnEpochs", "train_population"]
+__all__ = [
+    "EarlyStopper",
+    "MemberResult",
+    "OnEpoch",
+    "OnEpochs",
+    "PreparedPopulation",
+    "prepare_population",
+    "train_population",
+]
 
 #: ``on_epoch(member_index, epoch, metrics) -> prune?``
 OnEpoch = Callable[[int, int, dict[str, float]], bool]
@@ -129,207 +132,12 @@ def _better(value: float, best: float | None, maximize: bool) -> bool:
     return best is None or (value > best if maximize else value < best)
 
 
-def _device(config: TrainConfig, device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    accelerator = config.train.accelerator
-    if accelerator == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        if accelerator in ("gpu", "cuda"):
-            raise ConfigError(
-                f"train.accelerator {accelerator!r}: CUDA is not available here; allowed "
-                "without a GPU: cpu, auto"
-            )
-        return torch.device("cpu")
-    devices = config.train.devices
-    if isinstance(devices, list):
-        return torch.device("cuda", int(devices[0]))
-    return torch.device("cuda")
-
-
 def _mixed_seed(configs: Sequence[TrainConfig]) -> int:
     """One seed for the population's dropout stream, from every member's seed."""
     seed = 0
     for config in configs:
         seed = (seed * 1_000_003 + config.train.seed) % (2**63 - 1)
     return seed
-
-
-def _hyper(
-    configs: Sequence[TrainConfig], values: Callable[[TrainConfig], float], device: torch.device
-) -> Tensor:
-    """A ``[P]`` float64 tensor of one hyperparameter (float64 so that e.g. AdamW's factor
-    ``1 - lr·λ`` rounds once to the parameter dtype, as torch's scalar arithmetic does)."""
-    return torch.tensor([float(values(c)) for c in configs], dtype=torch.float64, device=device)
-
-
-class _Run:
-    """State of one population run: the stacks, optimizer and per-member bookkeeping."""
-
-    def __init__(
-        self,
-        configs: Sequence[TrainConfig],
-        device: torch.device,
-        datamodule: TensorDataModule,
-        compact: float,
-        init: Literal["exact", "fast"] = "exact",
-    ) -> None:
-        first = configs[0]
-        self.configs = list(configs)
-        self.device = device
-        self.compact = compact
-        self.dtype = torch.float64 if first.train.precision == "64-true" else torch.float32
-        self.autocast = first.train.precision == "bf16-mixed"
-        self.info = datamodule.info
-        self.classification = self.info.task == "classification"
-        self.batch_size = first.data.batch_size
-        self.data_seed = datamodule.seed
-        x, y = datamodule.splits["train"]
-        self.x = x.to(device, self.dtype)
-        self.y = y.to(device) if self.classification else y.to(device, self.dtype)
-        vx, vy = datamodule.splits["val"]
-        self.vx = vx.to(device, self.dtype)
-        self.vy = vy.to(device) if self.classification else vy.to(device, self.dtype)
-        self.net: PopulationNetwork = build_population(
-            configs, self.info, init=init, device=device
-        ).to(device, self.dtype)
-        self.rows = list(range(len(configs)))  # member index of each stack row
-        self.active = [True] * len(configs)  # per stack row
-        self.lr_values = [c.train.lr for c in configs]
-        clips = [c.train.gradient_clip for c in configs]
-        self.optimizer = StackedOptimizer(
-            list(self.net.parameters()),
-            self._decayed_flags(),
-            kind="sgd" if first.train.optimizer == "sgd" else "adam",
-            lr=_hyper(configs, lambda c: c.train.lr, device),
-            momentum=_hyper(configs, lambda c: c.train.momentum, device),
-            decoupled=_hyper(
-                configs,
-                lambda c: c.regularization.l2.strength * (c.regularization.l2.mode == "decoupled"),
-                device,
-            ),
-            coupled=_hyper(
-                configs,
-                lambda c: c.regularization.l2.strength * (c.regularization.l2.mode == "coupled"),
-                device,
-            ),
-            clip=None
-            if all(c is None for c in clips)
-            else _hyper(configs, lambda c: c.train.gradient_clip or math.inf, device),
-        )
-        self.max_norm_weights = self.net.max_norm_weights()
-        norms = [c.regularization.max_norm for c in configs]
-        self.max_norm: Tensor | None = None
-        if any(n is not None for n in norms):
-            self.max_norm = torch.tensor(
-                [math.inf if n is None else n for n in norms], device=device
-            )
-
-    def _decayed_flags(self) -> list[bool]:
-        decayed = {id(p) for p in self.net.decayed_parameters()}
-        return [id(p) in decayed for p in self.net.parameters()]
-
-    # ----------------------------------------------------------------------------------------
-
-    def _mask(self) -> Tensor:
-        return torch.tensor(self.active, device=self.device)
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.autocast:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-
-    def _losses(self, out: Tensor, y: Tensor, reduce: bool = True) -> Tensor:
-        """Per-member loss ``[P]`` (mean over the batch) or ``[P, N]``."""
-        size, n = out.shape[0], out.shape[1]
-        if out.dtype not in (torch.float32, torch.float64):
-            out = out.float()  # bf16 autocast: the loss in fp32, as Lightning's plugin does
-        if self.classification:
-            flat = F.cross_entropy(
-                out.reshape(size * n, -1), y.repeat(size), reduction="none"
-            ).view(size, n)
-        else:
-            target = y.to(out.dtype).expand(size, n)
-            flat = F.mse_loss(out.reshape(size, n), target, reduction="none")
-        return flat.mean(1) if reduce else flat
-
-    def _batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """``TensorLoader``'s epoch order: ``randperm`` of the data seed and the epoch."""
-        n = len(self.x)
-        generator = torch.Generator().manual_seed(self.data_seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=generator)
-        if self.device.type == "cuda":  # no stream sync: pinned memory, asynchronous copy
-            order = order.pin_memory().to(self.device, non_blocking=True)
-        for start in range(0, n, self.batch_size):
-            index = order[start : start + self.batch_size]
-            yield self.x.index_select(0, index), self.y.index_select(0, index)
-
-    def train_epoch(self, epoch: int, deadline: float | None) -> tuple[Tensor, Tensor] | None:
-        """One epoch over the training data; per-row (loss sum, correct count) on the device,
-        or None when the deadline passed mid-epoch."""
-        net, optimizer = self.net, self.optimizer
-        net.train()
-        weight = net.active
-        loss_sum = torch.zeros(net.size, device=self.device, dtype=self.dtype)
-        correct = torch.zeros(net.size, device=self.device, dtype=self.dtype)
-        for xb, yb in self._batches(epoch):
-            if deadline is not None and time.time() > deadline:
-                return None
-            with self._autocast():
-                out = net(xb)
-                losses = self._losses(out, yb)
-            (losses * weight).sum().backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            if self.max_norm is not None:
-                stacked_max_norm_(self.max_norm_weights, self.max_norm, weight)
-            n = xb.shape[0]
-            loss_sum += losses.detach() * n
-            if self.classification:
-                correct += (out.detach().argmax(-1) == yb).sum(1)
-        return loss_sum, correct
-
-    @torch.no_grad()
-    def validate(self) -> tuple[Tensor, Tensor]:
-        """Per-row (val loss sum, val acc count or Σ batch-RMSE·n), Lightning's epoch means
-        over batches of ``data.batch_size``."""
-        net = self.net
-        net.eval()
-        loss_sum = torch.zeros(net.size, device=self.device, dtype=self.dtype)
-        metric = torch.zeros(net.size, device=self.device, dtype=self.dtype)
-        for start in range(0, len(self.vx), self.batch_size):
-            xb = self.vx[start : start + self.batch_size]
-            yb = self.vy[start : start + self.batch_size]
-            with self._autocast():
-                out = net(xb)
-            losses = self._losses(out, yb)
-            n = xb.shape[0]
-            loss_sum += losses * n
-            if self.classification:
-                metric += (out.argmax(-1) == yb).sum(1)
-            else:
-                metric += losses.sqrt() * n
-        return loss_sum, metric
-
-    def shrink(self) -> None:
-        """Drop the frozen rows from every stack when few enough members remain active."""
-        alive = [row for row, on in enumerate(self.active) if on]
-        size = len(self.active)
-        if not alive or len(alive) == size or len(alive) > self.compact * size:
-            return
-        index = torch.tensor(alive, device=self.device)
-        self.net.keep(index)
-        self.optimizer.keep(index, list(self.net.parameters()))
-        self.max_norm_weights = self.net.max_norm_weights()
-        self.rows = [self.rows[row] for row in alive]
-        self.active = [True] * len(alive)
-        if self.max_norm is not None:
-            self.max_norm = self.max_norm.index_select(0, index)
-
-    def freeze(self) -> None:
-        self.net.set_active(self._mask())
-        self.optimizer.set_active(self.active)
 
 
 def train_population(
@@ -343,6 +151,7 @@ def train_population(
     compact: float = 1.0,
     return_weights: bool = False,
     init: Literal["exact", "fast"] = "exact",
+    prepared: PreparedPopulation | None = None,
 ) -> list[MemberResult]:
     """Train ``configs`` as one population; one :class:`MemberResult` per config, in order.
 
@@ -375,16 +184,76 @@ def train_population(
         init: ``exact`` starts every member from the single path's weights for its seed (one
             CPU initialisation per member); ``fast`` draws the same distributions on the
             device (see :func:`build_population`).
+        prepared: What :func:`prepare_population` built for these configs (``device``,
+            ``datamodule`` and ``init`` are then its own).
 
     Raises:
-        ConfigError: The configs cannot train as one population (the message says why), or
-            the device is not available.
+        PopulationUnsupported: The configs, or the model they build, cannot train as one
+            population (the message says why); raised before any member trains.
+        ConfigError: The device is not available.
+    """
+    configs = list(configs)
+    started = time.perf_counter()
+    if prepared is None:
+        prepared = prepare_population(configs, device=device, datamodule=datamodule, init=init)
+    elif prepared.configs != configs:
+        raise ValueError("prepared: built for other configs than those given")
+    run = prepared.run
+    run.compact = compact
+    deterministic = any(c.train.deterministic for c in configs)
+    previous = torch.are_deterministic_algorithms_enabled()
+    results = [MemberResult(i, c) for i, c in enumerate(configs)]
+    stoppers = [EarlyStopper(c.regularization.early_stopping) for c in configs]
+    forked = [run.device] if run.device.type == "cuda" else []
+    try:
+        torch.use_deterministic_algorithms(deterministic or previous)
+        with torch.random.fork_rng(devices=forked):
+            torch.manual_seed(_mixed_seed(configs))
+            _loop(run, results, stoppers, on_epoch, on_epochs, deadline, started, return_weights)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    return results
+
+
+@dataclass
+class PreparedPopulation:
+    """A population built and checked, not yet trained (see :func:`prepare_population`)."""
+
+    configs: list[TrainConfig]
+    run: _Run
+
+
+def prepare_population(
+    configs: Sequence[TrainConfig],
+    *,
+    device: str | torch.device | None = None,
+    datamodule: TensorDataModule | None = None,
+    init: Literal["exact", "fast"] = "exact",
+) -> PreparedPopulation:
+    """Build the population of ``configs`` (data on the device, stacks, optimizer) and, for a
+    model built with ``torch.func`` (``custom``, ``transformer``), check and trial-run it;
+    pass the result to :func:`train_population` as ``prepared``.
+
+    A caller that falls back to one trial at a time does it on
+    :class:`~droptune.exceptions.PopulationUnsupported` from here, before it records any start.
+
+    Example:
+        >>> try:
+        ...     prepared = prepare_population(configs)
+        ... except PopulationUnsupported as exc:
+        ...     prepared = None  # train one at a time; str(exc) says why
+        >>> results = train_population(configs, prepared=prepared) if prepared else []
+
+    Raises:
+        PopulationUnsupported: The configs cannot train as one population (the message names
+            the field or module and the reason).
+        ConfigError: The device is not available, or the data is not droptune's in-memory
+            data.
     """
     configs = list(configs)
     reason = population_support(configs)
     if reason is not None:
-        raise ConfigError(f"these configs cannot train as one population: {reason}")
-    started = time.perf_counter()
+        raise PopulationUnsupported(f"these configs cannot train as one population: {reason}")
     first = configs[0]
     if first.train.num_threads:
         torch.set_num_threads(first.train.num_threads)
@@ -396,21 +265,9 @@ def train_population(
         raise ConfigError(
             f"data: a population needs droptune's in-memory data, got {type(data).__name__}"
         )
-    deterministic = any(c.train.deterministic for c in configs)
-    previous = torch.are_deterministic_algorithms_enabled()
-    results = [MemberResult(i, c) for i, c in enumerate(configs)]
-    stoppers = [EarlyStopper(c.regularization.early_stopping) for c in configs]
-    forked = [target] if target.type == "cuda" else []
-    try:
-        torch.use_deterministic_algorithms(deterministic or previous)
-        with torch.random.fork_rng(devices=forked):
-            torch.manual_seed(_mixed_seed(configs))
-            with timed("setup"):  # data to the device, the stacks, the optimizer
-                run = _Run(configs, target, data, compact, init)
-            _loop(run, results, stoppers, on_epoch, on_epochs, deadline, started, return_weights)
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    return results
+    with timed("setup"):  # data to the device, the stacks, the optimizer
+        run = _Run(configs, target, data, 1.0, init)
+    return PreparedPopulation(configs, run)
 
 
 def _loop(
@@ -428,6 +285,7 @@ def _loop(
     epoch = 0
     while any(run.active):
         epoch_start = time.perf_counter()
+        run.start_epoch(epoch)
         trained = run.train_epoch(epoch, deadline)
         if trained is None:
             break
@@ -449,7 +307,7 @@ def _loop(
                 **({"train_acc": table[1][row] / n_train} if run.classification else {}),
                 "val_loss": table[2][row] / n_val,
                 val_key: table[3][row] / n_val,
-                "lr": float(config.train.lr),
+                "lr": run.lr(config, epoch),
                 "epoch_time": epoch_time,
             }
             result.history.append(metrics)

@@ -262,11 +262,19 @@ def _train(configs: list[TrainConfig]) -> list[list[dict[str, float]]]:
     ]
     for indices in chunks:
         group = [configs[i] for i in indices]
+        prepared = None
         if len(group) > 1 and population_support(group) is None:
+            from droptune.exceptions import PopulationUnsupported
+            from droptune.population import prepare_population
             from droptune.population import train_population
 
+            try:  # a user's model may still not batch: then one at a time
+                prepared = prepare_population(group)
+            except PopulationUnsupported as exc:
+                log.warning("confirmation: %s; re-training one at a time", exc)
+        if prepared is not None:
             log.info("confirmation: %d re-trainings as one population", len(group))
-            for i, member in zip(indices, train_population(group), strict=True):
+            for i, member in zip(indices, train_population(group, prepared=prepared), strict=True):
                 histories[i] = [dict(row) for row in member.history]
         else:
             for i in indices:

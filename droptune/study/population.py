@@ -63,6 +63,8 @@ if TYPE_CHECKING:
 __all__ = ["Member", "population_round"]
 
 log = logging.getLogger(__name__)
+#: Fallback reasons already warned about in this process (later rounds log them at INFO).
+_SAID: list[str] = []
 
 
 @dataclass
@@ -171,11 +173,26 @@ def _groups(members: list[Member]) -> list[list[Member]]:
 def _train_group(
     objective: Objective, group: list[Member], check_stop: Callable[[], None]
 ) -> None:
+    from droptune.exceptions import PopulationUnsupported
     from droptune.population import population_support
+    from droptune.population import prepare_population
 
-    reason = population_support([m.config for m in group])
-    if reason is not None:
-        log.warning(
+    configs = [m.config for m in group]
+    reason = population_support(configs)
+    prepared, clock = None, timing.snapshot()
+    if reason is None:  # a user's model is also checked and trial-run as it is built
+        try:
+            prepared = prepare_population(
+                configs,
+                datamodule=_data(objective, group),
+                init=objective.spec.execution.population_init,
+            )
+        except PopulationUnsupported as exc:
+            reason = str(exc)
+    if prepared is None:
+        said, _SAID[:] = reason in _SAID, [*_SAID, str(reason)][-16:]
+        log.log(
+            logging.INFO if said else logging.WARNING,
             "population mode cannot train trials %s together (%s): running them one at a time",
             [m.trial.number for m in group],
             reason,
@@ -184,7 +201,7 @@ def _train_group(
             check_stop()
             _single(objective, member)
         return
-    _population(objective, group, check_stop)
+    _population(objective, group, check_stop, prepared, clock)
 
 
 def _single(objective: Objective, member: Member) -> None:
@@ -201,7 +218,13 @@ def _single(objective: Objective, member: Member) -> None:
     study.tell(member.trial, value)
 
 
-def _population(objective: Objective, group: list[Member], check_stop: Callable[[], None]) -> None:
+def _population(
+    objective: Objective,
+    group: list[Member],
+    check_stop: Callable[[], None],
+    prepared: Any,
+    clock: dict[str, float],
+) -> None:
     """Train ``group`` as one population: record the starts, train, record the ends. An
     exception leaves the members RUNNING for :func:`population_round` to fail."""
     from droptune.population import train_population
@@ -209,7 +232,6 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
     spec = objective.spec
     metrics = spec.study.objectives
     prune = len(metrics) == 1 and spec.pruner.name != "none"
-    clock = timing.snapshot()
     timing.phase("setup")
     _start(objective, group)
     # the baseline reports like any member but is never pruned (see PruningCallback)
@@ -232,14 +254,10 @@ def _population(objective: Objective, group: list[Member], check_stop: Callable[
             if prune_it and index not in exempt
         ]
 
-    data = _data(objective, group)
     timing.phase("train")
     try:
         results = train_population(
-            [m.config for m in group],
-            on_epochs=on_epochs,
-            datamodule=data,
-            init=spec.execution.population_init,
+            [m.config for m in group], on_epochs=on_epochs, prepared=prepared
         )
     finally:
         timing.phase("other")

@@ -107,22 +107,30 @@ def test_population_rounds_take_enqueued_trials_first(
 def test_population_falls_back_to_one_trial_at_a_time_and_says_why(
     procs: Procs, write_spec: SpecWriter, sqlite_url: str
 ) -> None:
+    """A user's model that vmap cannot batch (Python control flow on a tensor's value) is
+    refused when its population is built: the trials run one at a time and complete, and the
+    log names the module and the reason once."""
     name = "population-fallback"
     path = write_spec(
         study={"name": name},
-        data={"layout": "sequence", "train_subset": 128},
-        model={"family": "transformer", "d_model": 16, "heads": 2, "depth": 1, "hidden": DELETE},
-        search={"regularization.dropout.attention_rate": {"low": 0.0, "high": 0.3}},
-        regularization={"dropout": {"kind": "standard", "input_rate": 0.0, "hidden_rate": 0.1}},
+        model={
+            "family": "custom",
+            "target": "tests.population._models:ControlFlowNet",
+            "hidden": DELETE,
+        },
         pruner={"name": "none"},
-        n_trials=2,
+        n_trials=4,
     )
     result = procs.run("run", str(path), "--population", "2")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "population mode is not available" in result.stderr
-    assert "transformer" in result.stderr
+    warned = [
+        line for line in result.stderr.splitlines() if "cannot train as a population" in line
+    ]
+    assert len(warned) == 1, result.stderr[-4000:]  # once, though two rounds fell back
+    assert "ControlFlowNet" in warned[0] and "data-dependent control flow" in warned[0]
     trial_list = trials(sqlite_url, name)
-    assert counts(trial_list) == {"COMPLETE": 2}
+    assert counts(trial_list) == {"COMPLETE": 4}
+    assert all("droptune.population" not in t.user_attrs for t in trial_list)
 
 
 def test_sigkilled_population_worker_trials_go_stale_and_are_retried(
