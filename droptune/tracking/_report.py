@@ -323,3 +323,22 @@ def upload_study_artifacts(study: optuna.Study, client: Any, parent_run_id: str)
         for path in paths:
             client.log_artifact(parent_run_id, str(path))
         return [p.name for p in paths]
+
+
+def study_metrics(study: optuna.Study) -> tuple[dict[str, float], Any]:
+    """The study run's metrics — trial counts by state and ``best_<metric>`` (one objective) —
+    with the best trial (None without one)."""
+    trials = study.get_trials(deepcopy=False)
+    metrics = {
+        f"trials_{state.lower()}": float(sum(t.state.name == state for t in trials))
+        for state in ("COMPLETE", "PRUNED", "FAIL")
+    }
+    metric = str(study.user_attrs.get(METRIC_ATTR, "objective"))
+    if len(study.directions) == 1:
+        try:
+            best = study.best_trial
+        except ValueError:
+            return metrics, None
+        metrics[f"best_{metric}"] = float(best.value)  # type: ignore[arg-type]
+        return metrics, best
+    return metrics, None

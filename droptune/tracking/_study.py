@@ -21,19 +21,15 @@ from droptune.records import BACKFILLED_TAG
 from droptune.records import BEST_RUN_TAG
 from droptune.records import BEST_TRIAL_TAG
 from droptune.records import DEVICE_ATTR
-from droptune.records import EPOCHS_ATTR
 from droptune.records import ERROR_ATTR
 from droptune.records import EXPERIMENT_ATTR
-from droptune.records import FAIL_REASON_ATTR
 from droptune.records import HISTORY_ATTR
-from droptune.records import METRIC_ATTR
 from droptune.records import PARENT_ATTR
 from droptune.records import RUN_ID_ATTR
 from droptune.records import SECONDS_ATTR
 from droptune.records import SEED_ATTR
 from droptune.records import SPEC_ATTR
 from droptune.records import STORAGE_TAG
-from droptune.records import TRACEBACK_ATTR
 from droptune.records import TRIAL_NUMBER_TAG
 from droptune.records import URI_ATTR
 from droptune.records import VERSION_ATTR
@@ -52,6 +48,7 @@ from droptune.timing import timed
 from droptune.tracking._client import Tracker
 from droptune.tracking._client import default_tracking_uri
 from droptune.tracking._client import flatten
+from droptune.tracking._trial_run import trial_run_content
 
 
 if TYPE_CHECKING:
@@ -62,13 +59,6 @@ if TYPE_CHECKING:
 __all__ = ["HISTORY_ATTR", "SECONDS_ATTR", "StudyTracking", "tracking_uri"]
 
 log = logging.getLogger(__name__)
-
-#: The error shown for a FAIL trial without a recorded reason: Optuna's heartbeat check failed it
-#: because its worker stopped beating.
-STALE_REASON = (
-    "the trial's worker stopped sending heartbeats (killed or lost); failed by the heartbeat "
-    "check and retried once"
-)
 
 
 def tracking_uri(spec: StudySpec, study_name: str) -> str:
@@ -342,49 +332,8 @@ class StudyTracking:
                 {VERSION_ATTR: self.version, BACKFILLED_TAG: "true"},
             )
             self.link(study, frozen, run_id)
-        params: dict[str, Any] = dict(frozen.params)
-        if config is None:
-            config = _resolved_config(study, frozen)
-        if isinstance(config, dict):
-            # the rest of the resolved config; the sampled values are logged once, above
-            params.update(
-                {f"config.{k}": v for k, v in flatten(config).items() if k not in frozen.params}
-            )
-        history = list(frozen.user_attrs.get(HISTORY_ATTR) or [])
-        if not history and frozen.intermediate_values:
-            metric = str(study.user_attrs.get(METRIC_ATTR, "objective"))
-            history = [{metric: v} for _, v in sorted(frozen.intermediate_values.items())]
-        if frozen.state.name == "COMPLETE" and frozen.values is not None:
-            # The trial's value (the best epoch's, not the last one's), so that sorting runs
-            # by it in the UI agrees with `droptune best`.
-            names = (
-                ["objective"]
-                if len(frozen.values) == 1
-                else [f"objective_{i}" for i in range(len(frozen.values))]
-            )
-            last = dict(history[-1]) if history else {}
-            last.update(zip(names, frozen.values, strict=True))
-            history = [*history[:-1], last]
-        tags = {
-            SEED_ATTR: str(frozen.user_attrs.get(SEED_ATTR, "")),
-            DEVICE_ATTR: str(frozen.user_attrs.get(DEVICE_ATTR, "")),
-            WORKER_ATTR: str(frozen.user_attrs.get(WORKER_ATTR, "")),
-            EPOCHS_ATTR: str(frozen.user_attrs.get(EPOCHS_ATTR, "")),
-            "optuna.trial_number": str(frozen.number),
-        }
-        if frozen.user_attrs.get(TRACEBACK_ATTR):
-            tags[TRACEBACK_ATTR] = str(frozen.user_attrs[TRACEBACK_ATTR])[-5000:]
-        if frozen.values is not None:
-            tags["optuna.values"] = ",".join(f"{v:.6g}" for v in frozen.values)
-        self.tracker.finish_trial_run(
-            str(run_id),
-            state=frozen.state.name,
-            params=params,
-            history=history,
-            tags=tags,
-            error=frozen.user_attrs.get(FAIL_REASON_ATTR)
-            or (STALE_REASON if frozen.state.name == "FAIL" else None),
-        )
+        content = trial_run_content(study, frozen, config)
+        self.tracker.finish_trial_run(str(run_id), state=frozen.state.name, **content)
         return str(run_id)
 
     def close_ended_runs(self, study: optuna.Study) -> list[int]:
@@ -506,30 +455,26 @@ class StudyTracking:
         """Trial counts by state and the best value(s) so far, on the parent run."""
         from mlflow.entities import Metric
 
+        from droptune.tracking._report import study_metrics
+
         now = int(time.time() * 1000)
-        trials = study.get_trials(deepcopy=False)
-        step = len(trials)
-        metrics = {
-            f"trials_{state.lower()}": float(sum(t.state.name == state for t in trials))
-            for state in ("COMPLETE", "PRUNED", "FAIL")
-        }
-        metric = str(study.user_attrs.get(METRIC_ATTR, "objective"))
+        metrics, best = study_metrics(study)
         tags: dict[str, str] = {}
-        if len(study.directions) == 1:
-            with contextlib.suppress(ValueError):
-                metrics[f"best_{metric}"] = float(study.best_value)
-                # the study's run links its best trial's run (the confirmed best is tagged
-                # by `droptune confirm`)
-                best = study.best_trial
-                tags[BEST_TRIAL_TAG] = str(best.number)
-                run_id = self.run_id_of(best)
-                if run_id:
-                    tags[BEST_RUN_TAG] = run_id
+        if best is not None:
+            # the study's run links its best trial's run (the confirmed best is tagged by
+            # `droptune confirm`)
+            tags[BEST_TRIAL_TAG] = str(best.number)
+            run_id = self.run_id_of(best)
+            if run_id:
+                tags[BEST_RUN_TAG] = run_id
         from mlflow.entities import RunTag
 
         self.tracker.client.log_batch(
             parent,
-            metrics=[Metric(k, v, now, step) for k, v in metrics.items()],
+            metrics=[
+                Metric(k, v, now, len(study.get_trials(deepcopy=False)))
+                for k, v in metrics.items()
+            ],
             tags=[RunTag(k, v) for k, v in tags.items()],
             synchronous=True,
         )
@@ -568,19 +513,6 @@ class StudyTracking:
 def _first_line(exc: BaseException) -> str:
     text = str(exc)
     return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-def _resolved_config(
-    study: optuna.Study, frozen: optuna.trial.FrozenTrial
-) -> dict[str, Any] | None:
-    """The full config the trial trained (spec defaults + its params + its seed), if known."""
-    from droptune.export import trial_config
-
-    try:
-        return trial_config(study, frozen).to_dict()
-    except Exception as exc:  # a study not created by droptune, or params from an old spec
-        log.debug("no resolved config for trial %d: %s", frozen.number, exc)
-        return None
 
 
 class _TrialAttrs:
