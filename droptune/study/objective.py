@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import contextlib
 import logging
 import math
@@ -25,6 +26,7 @@ from droptune.records import OOM_ATTR
 from droptune.records import OVERRIDES_ATTR
 from droptune.records import PRUNED_AT_EPOCH_ATTR
 from droptune.records import RSS_ATTR
+from droptune.records import RUN_ID_ATTR
 from droptune.records import SEED_ATTR
 from droptune.records import WORKER_ATTR
 from droptune.records import failure_attrs
@@ -140,6 +142,8 @@ class _History(pl.Callback):
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
+        #: Called with each completed row (its epoch and the row).
+        self.on_row: Callable[[int, dict[str, float]], None] | None = None
         self._by_epoch: dict[int, dict[str, float]] = {}
         self._started = 0.0
         self._open: int | None = None
@@ -162,6 +166,8 @@ class _History(pl.Callback):
         for key, value in trainer.callback_metrics.items():
             if not key.startswith(("val_", "test_")) and key not in row:
                 row[key] = float(value)
+        if self.on_row is not None:
+            self.on_row(self._open, row)
         self._open = None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -314,6 +320,8 @@ class Objective:
         History and memory are best effort; a failure to write ``attrs`` raises. With
         ``track=False`` the MLflow run is left to the caller (a population round writes it in
         the background once the trial is told)."""
+        if self._writer is not None and track:
+            self._writer.drain()  # the epochs logged while it trained are on the run
         record = self.end_attrs(history)
         if attrs:
             set_user_attrs(trial, {**attrs, **record})
@@ -363,6 +371,7 @@ class Objective:
         cfg, _ = self.config_for(trial)
         self._config = cfg
         self.record_start(trial, cfg)
+        self._live_metrics(trial)
         objectives = self.spec.study.objectives
         directions = self.spec.study.study_directions
         history = self._history
@@ -377,6 +386,18 @@ class Objective:
             raise outcome.error
         assert outcome.values is not None
         return outcome.values
+
+    def _live_metrics(self, trial: optuna.Trial) -> None:
+        """Each epoch's row on the trial's MLflow run while it trains (in the background)."""
+        writer = self.tracking_writer()
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if self.tracking is None or writer is None or not run_id:
+            return
+        from droptune.tracking import LiveMetrics
+
+        live = LiveMetrics(self.tracking, writer)
+        number = trial.number
+        self._history.on_row = lambda epoch, row: live.add(number, lambda: run_id, epoch, row)
 
     def _fit_oom_safe(self, trial: optuna.Trial, cfg: TrainConfig, callbacks: list[Any]) -> Any:
         """``fit``, turning an out-of-memory error into a failed trial with its reason, after

@@ -37,6 +37,7 @@ from droptune.data import build_datamodule
 from droptune.records import BASELINE_ATTR
 from droptune.records import FAIL_REASON_ATTR
 from droptune.records import POPULATION_ATTR
+from droptune.records import RUN_ID_ATTR
 from droptune.records import failure_attrs
 from droptune.storage import ParamBuffer
 from droptune.storage import ask_many
@@ -237,8 +238,16 @@ def _population(
     # the baseline reports like any member but is never pruned (see PruningCallback)
     exempt = {i for i, m in enumerate(group) if m.trial.user_attrs.get(BASELINE_ATTR)}
 
+    live = _live_metrics(objective)
+
     def on_epochs(epoch: int, rows: dict[int, dict[str, float]]) -> list[int]:
         check_stop()
+        if live is not None:
+            for index, row in rows.items():
+                member = group[index]
+                live.add(
+                    member.trial.number, lambda m=member: m.linked.get(RUN_ID_ATTR), epoch, row
+                )
         if not prune:
             return []
         reported: dict[int, optuna.Trial] = {}
@@ -262,6 +271,17 @@ def _population(
     finally:
         timing.phase("other")
     _end(objective, group, results, clock)
+
+
+def _live_metrics(objective: Objective) -> Any:
+    """Members' epochs on their MLflow runs while the round trains (batched), or None."""
+    writer = objective.tracking_writer()
+    if objective.tracking is None or writer is None:
+        return None
+    from droptune.tracking import LiveMetrics
+    from droptune.tracking._live import POPULATION_EVERY_S
+
+    return LiveMetrics(objective.tracking, writer, every_s=POPULATION_EVERY_S)
 
 
 def _start(objective: Objective, group: list[Member]) -> None:

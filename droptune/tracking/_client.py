@@ -312,18 +312,22 @@ class Tracker:
         history: list[dict[str, float]],
         tags: dict[str, str],
         error: str | None = None,
+        logged: dict[int, set[str]] | None = None,
     ) -> None:
-        """Log everything about the ended trial in one batch and set the run's final status."""
+        """Log everything about the ended trial in one batch and set the run's final status;
+        ``logged`` holds the metrics (step → keys) already on the run from training, which are
+        not logged twice."""
         from mlflow.entities import Metric
         from mlflow.entities import Param
         from mlflow.entities import RunTag
 
         now = int(time.time() * 1000)
+        done = logged or {}
         metrics = [
             Metric(key, float(value), now, step)
             for step, row in enumerate(history)
             for key, value in row.items()
-            if _finite(value)
+            if _finite(value) and key not in done.get(step, ())
         ]
         param_list = [Param(key, _param_value(value)) for key, value in params.items()]
         all_tags = {**tags, "optuna.state": state}
@@ -344,6 +348,22 @@ class Tracker:
         for start in range(100, len(param_list), 100):
             self.client.log_batch(run_id, params=param_list[start : start + 100], synchronous=True)
         self.client.set_terminated(run_id, status=STATUS_BY_STATE.get(state, "FAILED"))
+
+    def log_epochs(self, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> set[str]:
+        """The metrics of some epochs (``(step, row)``) on a running trial's run, in batches;
+        returns the keys logged."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(value), now, step)
+            for step, row in rows
+            for key, value in row.items()
+            if _finite(value)
+        ]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[start : start + 1000], synchronous=True)
+        return {m.key for m in metrics}
 
     def terminate(self, run_id: str, state: str, error: str | None = None) -> None:
         """Set a run's final status (used for reaped trials whose worker died)."""

@@ -91,6 +91,8 @@ class StudyTracking:
         self._tracker: Tracker | None = None
         self._parent: str | None = None
         self._spent: dict[int, float] = {}
+        #: Trial number → step → the metric keys its run got while it trained.
+        self._live: dict[int, dict[int, set[str]]] = {}
 
     @classmethod
     def for_study(
@@ -244,6 +246,22 @@ class StudyTracking:
         """Seconds spent tracking trial ``number`` so far in this process."""
         return self._spent.get(number, 0.0)
 
+    def log_epochs(
+        self, number: int, run_id: str, rows: list[tuple[int, dict[str, float]]]
+    ) -> None:
+        """Epoch rows of running trial ``number`` on its run, remembered so that the trial's end
+        does not log them again. Best effort: a failure is logged (the end logs them all)."""
+        if not self.enabled:
+            return
+        try:
+            keys = self.tracker.log_epochs(run_id, rows)
+        except Exception as exc:
+            log.debug("trial %d: live metrics not logged: %s", number, _first_line(exc))
+            return
+        steps = self._live.setdefault(number, {})
+        for step, row in rows:
+            steps.setdefault(step, set()).update(k for k in row if k in keys)
+
     def trial_ended(
         self,
         trial: optuna.Trial,
@@ -333,7 +351,10 @@ class StudyTracking:
             )
             self.link(study, frozen, run_id)
         content = trial_run_content(study, frozen, config)
-        self.tracker.finish_trial_run(str(run_id), state=frozen.state.name, **content)
+        logged = self._live.pop(frozen.number, None)
+        self.tracker.finish_trial_run(
+            str(run_id), state=frozen.state.name, logged=logged, **content
+        )
         return str(run_id)
 
     def close_ended_runs(self, study: optuna.Study) -> list[int]:
