@@ -84,15 +84,23 @@ def ui(
     allowed_hosts: Annotated[
         str | None, typer.Option(help="Host headers the UI accepts (with a non-local --host).")
     ] = None,
+    open_page: Annotated[
+        bool, typer.Option("--open", help="Open the page in this machine's web browser.")
+    ] = False,
 ) -> None:
-    """Start the MLflow UI on the study's tracking store and print its runs page."""
+    """Start the MLflow UI on the study's tracking store and print its runs page (the study's
+    trials, best first by their objective)."""
+    from droptune.tracking._client import runs_page
     from droptune.tracking._server import start_server
 
-    _, tracking = _study_tracking(study, storage, tracking_uri)
+    opened, tracking = _study_tracking(study, storage, tracking_uri)
     experiment = _tracking_call(tracking, tracking.tracker.experiment_id)
-    page = f"#/experiments/{experiment}/runs"
+    page = runs_page(experiment, [d.name.lower() for d in opened.directions])
     if tracking.uri.startswith(("http://", "https://")):
-        typer.echo(f"{_mask(tracking.uri).rstrip('/')}/{page}")
+        url = f"{tracking.uri.rstrip('/')}/{page}"
+        typer.echo(_mask(url))
+        if open_page:
+            _open_in_browser(url)
         return
     artifacts = _local_artifacts(tracking.uri)
     if allowed_hosts:  # --allowed-hosts replaces MLflow's defaults: keep local access working
@@ -105,7 +113,10 @@ def ui(
     restore = _stop_on_signals()  # before the page is printed: a signal may follow at once
     try:
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        typer.echo(f"MLflow UI for study {study}: http://{shown}:{server.port}/{page}")
+        url = f"http://{shown}:{server.port}/{page}"
+        typer.echo(f"MLflow UI for study {study}: {url}")
+        if open_page:
+            _open_in_browser(url)
         typer.echo("press Ctrl-C to stop", err=True)
         sys.stdout.flush()
         code = server.process.wait()
@@ -117,6 +128,18 @@ def ui(
     if code:
         typer.echo(f"error: the MLflow server exited with code {code}; log: {server.log_path}")
         raise typer.Exit(1)
+
+
+def _open_in_browser(url: str) -> None:
+    """Open ``url`` with the desktop's browser; say so when there is none (a server, SSH)."""
+    import webbrowser
+
+    try:
+        opened = webbrowser.open(url)
+    except webbrowser.Error:
+        opened = False
+    if not opened:
+        typer.echo("--open: no web browser found here; open the page above yourself", err=True)
 
 
 def _stop_on_signals() -> Any:

@@ -28,6 +28,7 @@ from droptune.stack._state import read_state
 from droptune.storage import mask_url
 from droptune.study.launcher import WorkerLaunch
 from droptune.study.launcher import start_worker
+from droptune.tracking._client import runs_page
 
 
 __all__ = ["Supervisor"]
@@ -131,7 +132,8 @@ class Supervisor:
             self.tracking = StudyTracking(spec, request.study_name, request.storage_url, uri=uri)
             if self.tracking.study_started(self.study):
                 experiment = self.tracking.tracker.experiment_id()
-                page = f"{uri}/#/experiments/{experiment}/runs"
+                directions = [d.name.lower() for d in self.study.directions]
+                page = f"{uri}/{runs_page(experiment, directions)}"
                 _echo(f"MLflow runs of study {request.study_name}: {page}")
                 self._save(experiment_url=page)
         elif uri:

@@ -13,6 +13,7 @@ Tracking never stops a trial: a failure is logged once per trial and recorded on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import contextlib
 import logging
 import os
@@ -160,6 +161,24 @@ def default_tracking_uri(study_name: str, root: Path = Path("runs")) -> str:
 
     check_study_name(study_name)
     return f"sqlite:///{root / study_name / 'mlflow.db'}"
+
+
+def runs_page(experiment_id: str, directions: Sequence[str] = ("minimize",)) -> str:
+    """The MLflow UI's page of a study's trials (``#/experiments/<id>/runs?...``): the
+    model-training view (MLflow 3 opens its GenAI view otherwise), trial runs only (a
+    collapsed study run would hide them), best first by the trial's ``objective``."""
+    from urllib.parse import urlencode
+
+    objective = "objective" if len(directions) == 1 else "objective_0"
+    query = urlencode(
+        {
+            "workflowType": "machine_learning",
+            "searchFilter": f"tags.`{ROLE_TAG}` = 'trial'",
+            "orderByKey": f"metrics.`{objective}`",
+            "orderByAsc": "true" if directions[0] == "minimize" else "false",
+        }
+    )
+    return f"#/experiments/{experiment_id}/runs?{query}"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
