@@ -432,8 +432,10 @@ def run_study(
     procs: list[subprocess.Popen[bytes]] = []
     interrupted = False
     received = SignalFlag()
-    try:
-        with received.trapped():
+    # Trapped until every worker is stopped: a second Ctrl-C or a SIGTERM while they stop must
+    # not end `run` and leave them running.
+    with received.trapped():
+        try:
             size = population or execution.population
             if size and size > 1:
                 _announce_population(spec, size)
@@ -443,21 +445,21 @@ def run_study(
             start_workers(launch, plan, procs)
             watch(study, procs, total, progress, received)
             received.check()  # a signal that arrived as the last worker exited
-    except KeyboardInterrupt:
-        interrupted = True
-        log.info("interrupted: stopping %d workers", len(procs))  # `run` ends saying so
-        # Workers fail their running trial on SIGTERM; with graceful they get SIGINT, which
-        # they take as "finish the running trial" (also when a terminal's Ctrl-C reached them
-        # a moment ago).
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT if graceful else signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=120 if graceful else 30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        except KeyboardInterrupt:
+            interrupted = True
+            log.info("interrupted: stopping %d workers", len(procs))  # `run` ends saying so
+            # Workers fail their running trial on SIGTERM; with graceful they get SIGINT,
+            # which they take as "finish the running trial" (also when a terminal's Ctrl-C
+            # reached them a moment ago).
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT if graceful else signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(timeout=120 if graceful else 30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     codes = [proc.wait() for proc in procs]
     reap_trials(
         study,

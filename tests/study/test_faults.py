@@ -129,6 +129,7 @@ def test_sigkilled_worker_trial_fails_after_grace_and_is_retried(
         "sigterm-to-run",
         "sigterm-to-worker",
         "graceful-sigint-to-group",
+        "graceful-sigint-to-group-then-sigterm",
         "population-sigint-to-group",
     ],
 )
@@ -162,8 +163,13 @@ def test_interrupt_fails_running_trials_exits_130_and_resumes(
     victim = wait_for(lambda: running_trial(sqlite_url, name), 240, "a RUNNING trial", proc)
     time.sleep(0.5)
     assert proc.poll() is None
-    if how.endswith("sigint-to-group"):
+    if "sigint-to-group" in how:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        if how.endswith("then-sigterm"):
+            # a service manager's SIGTERM while `run` waits for its workers to finish their
+            # trials: `run` keeps waiting, and leaves nothing running
+            time.sleep(1.0)
+            os.kill(proc.pid, signal.SIGTERM)
     else:
         os.kill(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
