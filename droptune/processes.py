@@ -3,7 +3,7 @@
 ``droptune run`` and ``droptune stack up`` both start worker processes on this host and must
 stop exactly those later, also from another process (``stack down`` reads them from a state
 file). A PID alone is not an identity (the kernel reuses PIDs), so a :class:`ProcRef` holds the
-PID with the process's start time (``psutil``'s ``create_time``) and, for a process that leads
+PID with the process's start time (clock ticks since boot on Linux) and, for a process that leads
 its own session, signals its whole process group (a worker's data loaders, the MLflow server's
 uvicorn children). Zombies count as gone: an orphan's zombie may wait long for a reaper.
 
@@ -19,6 +19,7 @@ import contextlib
 from dataclasses import dataclass
 import logging
 import os
+from pathlib import Path
 import signal
 import threading
 import time
@@ -31,26 +32,32 @@ __all__ = ["ProcRef", "SignalFlag", "proc_start", "stop_refs"]
 
 log = logging.getLogger(__name__)
 
-#: Start times are floats (seconds since the epoch, from the boot time and the clock ticks
-#: since boot): equal within this for the same process, whoever reads it.
-_SAME_START_S = 0.05
 _GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+_PROC = Path("/proc")
 
 
 def _process(pid: int) -> psutil.Process | None:
     try:
         return psutil.Process(pid)
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, TypeError):
         return None
 
 
-def proc_start(pid: int) -> float | None:
-    """The start time of ``pid`` (seconds since the epoch), None if it does not run."""
+def proc_start(pid: int) -> str | None:
+    """The start time of ``pid``, None if it does not run: on Linux the clock ticks since boot
+    (``/proc/<pid>/stat`` field 22, which no change of the wall clock moves), elsewhere
+    psutil's creation time."""
+    if _PROC.is_dir():
+        try:
+            text = (_PROC / str(pid) / "stat").read_text()
+        except (OSError, ValueError):
+            return None
+        return text.rsplit(")", 1)[1].split()[19]
     process = _process(pid)
     if process is None:
         return None
     try:
-        return process.create_time()
+        return repr(process.create_time())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
 
@@ -64,19 +71,12 @@ def _runs(process: psutil.Process) -> bool:
         return True
 
 
-def _alive(pid: int, start: float | str | None) -> bool:
+def _alive(pid: int, start: str | None) -> bool:
     """Whether the process ``pid`` that started at ``start`` (None: any) still runs."""
     process = _process(pid)
     if process is None or not _runs(process):
         return False
-    if start is None:
-        return True
-    try:
-        return abs(process.create_time() - float(start)) < _SAME_START_S
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-    except ValueError:  # a state file from before start times were floats
-        return False
+    return start is None or proc_start(pid) == str(start)
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -98,7 +98,7 @@ class ProcRef:
 
     role: str
     pid: int
-    start: float | None
+    start: str | None
     group: bool = True
     log: str | None = None
 

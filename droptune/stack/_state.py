@@ -65,8 +65,47 @@ def _write_state(state_dir: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+#: A recorded process: field → (allowed types, what to say).
+_REF_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "role": ((str,), "a string"),
+    "pid": ((int,), "a positive integer"),
+    "start": ((str, type(None)), "a string or null"),
+    "group": ((bool,), "true or false"),
+    "log": ((str, type(None)), "a string or null"),
+}
+
+
 def _refs(state: dict[str, Any]) -> list[ProcRef]:
-    return [ProcRef(**entry) for entry in state.get("processes", [])]
+    """The recorded processes; ConfigError naming the entry and field of a malformed one (a
+    state file that was edited, or is not droptune's)."""
+    entries = state.get("processes", [])
+    where = STATE_FILE
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: processes must be a list, got {type(entries).__name__}")
+    refs = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: processes[{index}] must be a mapping")
+        for key, value in entry.items():
+            if key not in _REF_FIELDS:
+                raise ConfigError(
+                    f"{where}: processes[{index}].{key} is not a field; allowed: "
+                    + ", ".join(_REF_FIELDS)
+                )
+            types, what = _REF_FIELDS[key]
+            bad_pid = key == "pid" and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            )
+            if not isinstance(value, types) or bad_pid:
+                raise ConfigError(
+                    f"{where}: processes[{index}].{key} must be {what}, got {value!r}; "
+                    "remove the file if no stack runs from this folder"
+                )
+        missing = [key for key in ("role", "pid", "start") if key not in entry]
+        if missing:
+            raise ConfigError(f"{where}: processes[{index}] needs {', '.join(missing)}")
+        refs.append(ProcRef(**entry))
+    return refs
 
 
 def _running(state_dir: Path) -> list[ProcRef]:

@@ -160,6 +160,49 @@ def test_down_leaves_a_process_that_reused_a_recorded_pid_alone(
     assert not (tmp_path / "stack" / "stack.json").exists()
 
 
+def test_down_stops_a_process_recorded_by_an_earlier_droptune(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes]
+) -> None:
+    """State files record a process's start as its clock ticks since boot (field 22 of
+    /proc/<pid>/stat), as droptune always wrote them: such a file still stops its stack."""
+    stat = Path(f"/proc/{sleeper.pid}/stat")
+    if not stat.exists():
+        pytest.skip("needs /proc")
+    ticks = stat.read_text().rsplit(")", 1)[1].split()[19]
+    state = {"processes": [{"role": "worker-0", "pid": sleeper.pid, "start": ticks}]}
+    (tmp_path / "stack").mkdir()
+    (tmp_path / "stack" / "stack.json").write_text(json.dumps(state))
+    assert (
+        cli_main(["stack", "down", "--state-dir", str(tmp_path / "stack"), "--timeout", "5"]) == 0
+    )
+    assert sleeper.wait(timeout=10) == -15
+
+
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        ({"role": "w", "pid": "abc", "start": None}, "processes[0].pid"),
+        ({"role": "w", "pid": 1.5, "start": None}, "processes[0].pid"),
+        ({"role": "w", "pid": 0, "start": None}, "processes[0].pid"),
+        ({"role": "w", "pid": 5, "start": [1]}, "processes[0].start"),
+        ({"role": "w", "pid": 5, "start": None, "colour": 1}, "processes[0].colour"),
+        ({"role": "w", "pid": 5}, "needs start"),
+        ("worker", "processes[0] must be a mapping"),
+    ],
+)
+def test_a_malformed_state_file_is_refused_naming_the_field(
+    tmp_path: Path, entry: Any, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "stack").mkdir()
+    (tmp_path / "stack" / "stack.json").write_text(json.dumps({"processes": [entry]}))
+    for command in ("down", "status"):
+        code = cli_main(["stack", command, "--state-dir", str(tmp_path / "stack")])
+        err = capsys.readouterr().err
+        assert code == 2, (command, err)
+        assert named in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+
 def test_down_stops_the_recorded_process_group(
     tmp_path: Path, sleeper: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
 ) -> None:
