@@ -18,6 +18,7 @@ import subprocess
 import time
 from typing import Any
 import uuid
+import warnings
 
 import optuna
 
@@ -169,7 +170,9 @@ def create_study(
             recorded["tracking"]["uri"] = mask_url(recorded["tracking"]["uri"])
         study.set_user_attr(SPEC_ATTR, recorded)
         study.set_user_attr(METRIC_ATTR, ",".join(spec.study.objectives))
-        study.set_metric_names(list(spec.study.objectives))
+        with warnings.catch_warnings():  # "experimental" in Optuna 5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(spec.study.objectives))
         study.set_user_attr(VERSION_ATTR, droptune.__version__)
     asked = n_trials or spec.n_trials
     slots = Slots(storage_url, study_name)
