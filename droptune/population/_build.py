@@ -320,10 +320,13 @@ def _probe(
     device: torch.device,
     dtype: torch.dtype,
 ) -> None:
-    """One vmapped training step's forward and backward on a small batch (state restored), and
-    member outputs in eval mode against the members' own modules."""
+    """Vmapped training steps' forward and backward on a full batch and on the epoch's last,
+    smaller one (a forward may depend on the batch's size), and member outputs in eval mode
+    against the members' own modules (state restored)."""
     x, _ = data.splits["train"]
-    batch = x[:4].to(device, dtype if x.is_floating_point() else x.dtype)
+    size = max(1, min(int(getattr(data, "batch_size", 4)), len(x)))
+    batch = x[:size].to(device, dtype if x.is_floating_point() else x.dtype)
+    sizes = [size] + ([len(x) % size] if len(x) % size else [])
     saved = {k: v.detach().clone() for k, v in network.state_dict(keep_vars=True).items()}
     rows = sorted({0, network.size - 1})
     try:
@@ -342,10 +345,11 @@ def _probe(
                             "forward depends on state vmap does not see)",
                         )
             network.train()
-            out = network(batch)
-            if out.dim() < 2 or out.shape[:2] != (network.size, len(batch)):
-                raise _refuse(name, f"its vmapped output has shape {tuple(out.shape)}")
-            out.float().square().mean().backward()
+            for rows_in_batch in sizes:
+                out = network(batch[:rows_in_batch])
+                if out.dim() < 2 or out.shape[:2] != (network.size, rows_in_batch):
+                    raise _refuse(name, f"its vmapped output has shape {tuple(out.shape)}")
+                out.float().square().mean().backward()
             params = [p for p in network.parameters() if p.requires_grad]
             if any(p.grad is not None and not bool(p.grad.isfinite().all()) for p in params):
                 raise _refuse(name, "its vmapped backward gives non-finite gradients")
@@ -353,7 +357,7 @@ def _probe(
         raise
     except Exception as exc:  # whatever vmap refuses: one trial at a time
         raise _refuse(
-            name, f"its forward/backward does not run under torch.func.vmap ({_short(exc)})"
+            name, f"a trial run of its batched forward/backward failed ({_short(exc)})"
         ) from exc
     finally:
         with torch.no_grad():

@@ -272,6 +272,13 @@ def _train(configs: list[TrainConfig]) -> list[list[dict[str, float]]]:
                 prepared = prepare_population(group)
             except PopulationUnsupported as exc:
                 log.warning("confirmation: %s; re-training one at a time", exc)
+            except Exception as exc:  # never a failed confirmation because of batching
+                log.warning(
+                    "confirmation: the population could not be built (%s: %s); re-training "
+                    "one at a time",
+                    type(exc).__name__,
+                    exc,
+                )
         if prepared is not None:
             log.info("confirmation: %d re-trainings as one population", len(group))
             for i, member in zip(indices, train_population(group, prepared=prepared), strict=True):

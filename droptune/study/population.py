@@ -190,6 +190,8 @@ def _train_group(
             )
         except PopulationUnsupported as exc:
             reason = str(exc)
+        except Exception as exc:  # never a failed trial because of batching
+            reason = f"the population could not be built ({type(exc).__name__}: {exc})"
     if prepared is None:
         said, _SAID[:] = reason in _SAID, [*_SAID, str(reason)][-16:]
         log.log(

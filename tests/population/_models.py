@@ -126,3 +126,33 @@ class Plateau(_Lightning):
         opt = torch.optim.Adam(self.parameters(), lr=1e-3)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
+
+
+class TrainerSchedule(_Lightning):
+    """Its scheduler reads ``self.trainer`` (a common pattern): no Trainer exists while a
+    population is built, so it runs one trial at a time."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.trainer.max_epochs)
+        return {"optimizer": opt, "lr_scheduler": sched}
+
+
+class BatchSizeBranch(nn.Module):
+    """Takes a data-dependent path only on batches larger than 8 rows (vmap refuses ``.item()``
+    there): a trial run on a few rows would pass, a real batch would not."""
+
+    def __init__(self, in_features: int = 64, out: int = 10) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, out)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(self.drop(x.flatten(1)))
+        if x.shape[0] > 8:
+            h = h / max(1.0, h.abs().max().item())
+        return h
