@@ -108,7 +108,8 @@ class AlphaDropout(DropoutBase):
             if self.channel:
                 return F.feature_alpha_dropout(x, self.p, training=True)
             return F.alpha_dropout(x, self.p, training=True)
-        lead = 3 if self.channel else x.dim()  # population axis, batch, channel
+        # [P,] batch, channel: one member inside vmap has no population axis
+        lead = (3 if self.population is not None else 2) if self.channel else x.dim()
         shape = tuple(x.shape[:lead]) + (1,) * (x.dim() - lead)
         keep = self.keep_view(x, len(shape))
         kept = (torch.rand(shape, device=x.device, dtype=x.dtype) < keep).to(x.dtype)

@@ -71,7 +71,7 @@ class SpatialDropout(DropoutBase):
         dims = _spatial_dims(self, x, (1, 2, 3), "convolutional")
         if not isinstance(self.p, Tensor):
             return _CHANNEL_DROPOUT[dims](x, self.p, training=True)
-        shape = tuple(x.shape[:3]) + (1,) * dims
+        shape = tuple(x.shape[: x.dim() - dims]) + (1,) * dims  # [P,] N, C, 1, ...
         return x * self.scaled_mask(x, shape)
 
 

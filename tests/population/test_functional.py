@@ -167,6 +167,37 @@ def test_inside_vmap_each_member_drops_at_its_own_rate(kind: str) -> None:
             assert not torch.equal(out[index], x)
 
 
+@pytest.mark.parametrize(
+    ("kind", "options", "shape"),
+    [
+        ("spatial", {}, (200, 20, 8)),
+        ("spatial", {}, (100, 40, 4, 4)),
+        ("alpha", {"channel": True}, (200, 20, 8)),
+    ],
+)
+def test_inside_vmap_channel_kinds_drop_whole_channels_at_each_members_rate(
+    kind: str, options: dict[str, Any], shape: tuple[int, ...]
+) -> None:
+    """Channel-wise kinds under vmap (one member's input has no population axis): member i
+    keeps or drops each (sample, channel) whole, at rate[i] (5 sigma); rate 0 is the input."""
+    rates = torch.tensor([0.0, 0.5, 0.2])
+    drop = make_dropout(kind, rates, **options)
+    x = torch.ones(shape)
+
+    def one(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(drop, {"p": p}, (x,))
+
+    out = vmap(one, in_dims=(0, None), randomness="different")(drop.p, x)
+    assert out.shape == (3, *shape)
+    assert torch.equal(out[0], x)
+    for index in (1, 2):
+        channels = out[index].flatten(2)  # [N, C, spatial]
+        whole = (channels == channels[..., :1]).all(-1)
+        assert bool(whole.all()), f"member {index}: a channel was dropped in parts"
+        dropped = channels[..., 0] != channels.max()
+        assert_fraction(int(dropped.sum()), dropped.numel(), float(rates[index]), f"{index}")
+
+
 def _mean_and_sem(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
 
