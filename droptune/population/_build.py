@@ -165,6 +165,9 @@ def _same_structure(name: str, nets: Sequence[nn.Module]) -> None:
                 name,
                 f"member {index}'s module has other tensors than member 0's ({diff}); the "
                 "members of a population must have one structure",
+                # rate-dependent (DropConnect adds a parametrization only for a rate > 0):
+                # another round's members may agree, so this is not remembered
+                structural=False,
             )
 
 

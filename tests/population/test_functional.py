@@ -374,3 +374,28 @@ def test_a_study_round_of_a_model_that_cannot_batch_runs_one_at_a_time(
     assert any(reason in r.getMessage() for r in caplog.records), [
         r.getMessage() for r in caplog.records
     ]
+
+
+def test_a_refusal_that_depends_on_the_rates_is_not_remembered() -> None:
+    """DropConnect adds its parametrization only at a rate > 0: members with weight rates 0 and
+    0.4 differ in structure and are refused, but a later round with 0.2 and 0.4 batches."""
+    from droptune.exceptions import PopulationUnsupported
+    from tests.population._helpers import member
+
+    base = member(
+        0,
+        data={"name": "digits", "train_subset": 200},
+        model={"family": "custom", "target": "tests.user_code.models:UserMLP"},
+        train={"max_epochs": 1},
+        regularization={"dropout": {"kind": "standard", "weight_rate": 0.2}},
+    )
+
+    def configs(rates: tuple[float, float]) -> list[Any]:
+        return [
+            base.with_overrides({"regularization.dropout.weight_rate": r, "train.seed": i})
+            for i, r in enumerate(rates)
+        ]
+
+    with pytest.raises(PopulationUnsupported, match="one structure"):
+        prepare_population(configs((0.0, 0.4)))
+    assert prepare_population(configs((0.2, 0.4))) is not None
