@@ -76,8 +76,10 @@ class MemberResult:
         timed_out: The deadline passed while the member was still training.
         seconds: Wall time from the start of :func:`train_population` to the member's end.
         state_dict: With ``return_weights``, the member's weights when it finished (those of
-            its best epoch when ``early_stopping.restores``, as ``fit``), as the
-            ``state_dict`` of ``build_network(config, info)`` (on the CPU).
+            its best epoch when ``early_stopping.restores``, as ``fit``), on the CPU: the
+            ``state_dict`` of ``build_network(config, info)`` for the built-in families, of
+            the member's own module (the user's model, or the transformer's network) for
+            the ``torch.func`` populations.
     """
 
     index: int
