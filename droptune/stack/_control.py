@@ -117,6 +117,7 @@ def start_stack(
         proc = subprocess.Popen(
             [
                 sys.executable,
+                "-P",  # the working directory is not importable (as for the workers)
                 "-m",
                 "droptune.cli",
                 "stack",
