@@ -391,7 +391,7 @@ class Objective:
         """Each epoch's row on the trial's MLflow run while it trains (in the background)."""
         writer = self.tracking_writer()
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        if self.tracking is None or writer is None or not run_id:
+        if self.tracking is None or writer is None or not run_id or not self.spec.tracking.live:
             return
         from droptune.tracking import LiveMetrics
 

@@ -278,7 +278,7 @@ def _population(
 def _live_metrics(objective: Objective) -> Any:
     """Members' epochs on their MLflow runs while the round trains (batched), or None."""
     writer = objective.tracking_writer()
-    if objective.tracking is None or writer is None:
+    if objective.tracking is None or writer is None or not objective.spec.tracking.live:
         return None
     from droptune.tracking import LiveMetrics
     from droptune.tracking._live import POPULATION_EVERY_S

@@ -241,6 +241,8 @@ class TrackingSection(StrictModel):
     enabled: bool = True
     uri: str | None = None
     experiment: str | None = None
+    #: Each epoch's metrics on the trial's run while it trains (else only when it ends).
+    live: bool = True
 
 
 class ExecutionSection(StrictModel):

@@ -25,7 +25,7 @@ from tests.study.helpers import merge
 EPOCHS = 5
 
 
-def _setup(tmp_path: Path) -> tuple[optuna.Study, StudyTracking, Any, str]:
+def _setup(tmp_path: Path, live: bool = True) -> tuple[optuna.Study, StudyTracking, Any, str]:
     # one dropout kind, so that a round trains its members as one population
     search = {k: v for k, v in TINY["search"].items() if k != "regularization.dropout.kind"}
     options = {"max_epochs": EPOCHS}
@@ -34,7 +34,7 @@ def _setup(tmp_path: Path) -> tuple[optuna.Study, StudyTracking, Any, str]:
         {
             "train": options,
             "pruner": {"name": "none"},
-            "tracking": {"enabled": True},
+            "tracking": {"enabled": True, "live": live},
             "search": search,
         },
     )
@@ -54,8 +54,9 @@ class _Peek(pl.Callback):
     """At the start of the last epoch, waits (up to 20 s) for the trial's run to show the
     epochs before, and records how many it showed."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, wait_s: float = 20.0) -> None:
         self.client = mlflow.MlflowClient(uri)
+        self.wait_s = wait_s
         self.trial: optuna.Trial | None = None
         self.seen: list[int] = []
 
@@ -63,7 +64,7 @@ class _Peek(pl.Callback):
         if trainer.current_epoch != EPOCHS - 1 or self.trial is None:
             return
         run_id = self.trial.user_attrs[RUN_ID_ATTR]
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + self.wait_s
         while time.monotonic() < deadline:
             self.seen = _points(self.client, run_id, "val_loss")
             if len(self.seen) >= EPOCHS - 1:
@@ -91,6 +92,21 @@ def test_a_trials_run_shows_its_epochs_while_it_trains(tmp_path: Path) -> None:
         assert _points(client, run_id, key) == list(range(EPOCHS)), key
     assert _points(client, run_id, "objective") == [EPOCHS - 1]
     assert client.get_run(run_id).data.metrics["objective"] == trial.value
+
+
+def test_with_live_metrics_off_the_run_gets_them_when_the_trial_ends(tmp_path: Path) -> None:
+    study, tracking, spec, uri = _setup(tmp_path, live=False)
+    tracking.study_started(study)
+    peek = _Peek(uri, wait_s=2.0)
+    objective = Objective(spec, worker="test", extra_callbacks=[peek], tracking=tracking)
+    objective.on_trial_start.append(lambda trial: setattr(peek, "trial", trial))
+    try:
+        study.optimize(objective, n_trials=1)
+    finally:
+        objective.close()
+    assert peek.seen == []
+    run_id = study.trials[0].user_attrs[RUN_ID_ATTR]
+    assert _points(mlflow.MlflowClient(uri), run_id, "val_loss") == list(range(EPOCHS))
 
 
 def test_a_population_rounds_runs_show_their_epochs_while_it_trains(
