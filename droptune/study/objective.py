@@ -421,6 +421,12 @@ class Objective:
         self._config = cfg
         self._history.rows.clear()
         self._history.reset()
+        if self.tracking is not None:
+            # the retry's epochs are logged in full at its end (its run keeps the first
+            # attempt's live epochs too: MLflow cannot delete metric points)
+            if self._writer is not None:
+                self._writer.drain()
+            self.tracking.forget_live(trial.number)
         try:
             return fit(cfg, test=False, callbacks=callbacks)
         except torch.cuda.OutOfMemoryError as exc:

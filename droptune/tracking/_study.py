@@ -262,6 +262,10 @@ class StudyTracking:
         for step, row in rows:
             steps.setdefault(step, set()).update(k for k in row if k in keys)
 
+    def forget_live(self, number: int) -> None:
+        """Log every epoch of trial ``number`` again at its end (it restarts training)."""
+        self._live.pop(number, None)
+
     def trial_ended(
         self,
         trial: optuna.Trial,
