@@ -305,6 +305,8 @@ def _write_study_artifacts(study: optuna.Study, folder: Path) -> list[Path]:
     if single and numeric:
         _scatter_by_kind(ended, numeric, metric, folder / "metric_vs_other_params.png", best)
         written.append(folder / "metric_vs_other_params.png")
+    if _interactive(study, folder / "interactive.html", single):
+        written.append(folder / "interactive.html")
     try:
         cfg = trial_config(study, best_trial(study))
         (folder / "best_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -314,6 +316,46 @@ def _write_study_artifacts(study: optuna.Study, folder: Path) -> list[Path]:
     _summary(study, folder)
     written += [folder / "summary.csv", folder / "summary.md"]
     return written
+
+
+def _interactive(study: optuna.Study, path: Path, single: bool) -> bool:
+    """Optuna's plotly figures of the study in one self-contained HTML page (plotly.js inlined
+    once: the page works offline and in MLflow's artifact viewer): history, importances,
+    parallel coordinates, slices and learning curves (or the Pareto front). Parameter names are
+    shortened as in the PNGs. False when there is nothing to draw yet."""
+    from optuna import visualization as vis
+    import plotly.io as pio
+
+    short = _short_named(study)
+    figures: list[tuple[str, Any]] = []
+    if single:
+        figures = [
+            ("Optimization history", lambda: vis.plot_optimization_history(short)),
+            ("Parameter importances", lambda: vis.plot_param_importances(short)),
+            ("Parallel coordinates", lambda: vis.plot_parallel_coordinate(short)),
+            ("Slices: the objective against each parameter", lambda: vis.plot_slice(short)),
+            ("Learning curves (intermediate values)", lambda: vis.plot_intermediate_values(short)),
+        ]
+    else:
+        figures = [("Pareto front", lambda: vis.plot_pareto_front(short))]
+    parts: list[str] = []
+    for title, make in figures:
+        try:
+            figure = make()
+        except Exception as exc:  # too few trials, one parameter, ...
+            log.info("skipped the interactive %s: %s", title, exc)
+            continue
+        figure.update_layout(title=title)
+        parts.append(pio.to_html(figure, full_html=False, include_plotlyjs=not parts))
+    if not parts:
+        return False
+    name = study.study_name.replace("<", "&lt;").replace(">", "&gt;").replace("&", "&amp;")
+    path.write_text(
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{name}</title></head>"
+        f"<body><h2>droptune study {name}</h2>" + "\n".join(parts) + "</body></html>",
+        encoding="utf-8",
+    )
+    return True
 
 
 def upload_study_artifacts(study: optuna.Study, client: Any, parent_run_id: str) -> list[str]:

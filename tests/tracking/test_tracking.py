@@ -150,11 +150,34 @@ def test_study_artifacts_are_written(setup: Any, tmp_path: Path) -> None:
         "best_config.yaml",
         "summary.csv",
         "summary.md",
+        "interactive.html",
     } <= names
     for name in names:
         assert (tmp_path / "artifacts" / name).stat().st_size > 0
     assert (tmp_path / "artifacts" / "optimization_history.png").read_bytes()[:4] == b"\x89PNG"
     assert "seed: 7" in (tmp_path / "artifacts" / "best_config.yaml").read_text()
+
+
+def test_the_interactive_page_holds_every_figure_and_plotly_once(
+    setup: Any, tmp_path: Path
+) -> None:
+    study, _ = setup
+    for number in range(6):
+        trial = study.ask()
+        trial.suggest_categorical("regularization.dropout.kind", ["standard", "gaussian"])
+        trial.suggest_float("regularization.dropout.hidden_rate", 0.0, 0.5)
+        trial.suggest_float("regularization.l2.strength", 1e-6, 1e-2, log=True)
+        for epoch in range(3):
+            trial.report(1.0 / (number + epoch + 1), epoch)
+        study.tell(trial, 1.0 / (number + 3))
+    write_study_artifacts(study, tmp_path / "artifacts")
+    page = (tmp_path / "artifacts" / "interactive.html").read_text()
+    assert page.count('class="plotly-graph-div"') == 5  # history, importances, parallel,
+    # slices, learning curves
+    assert page.count("plotly.js v") == 1  # inlined once: works offline
+    assert '"l2"' in page and "regularization.dropout.hidden_rate" not in page  # short names
+    for title in ("Optimization history", "Parameter importances", "Learning curves"):
+        assert title in page
 
 
 def test_params_with_a_password_are_masked(tmp_path: Path) -> None:
