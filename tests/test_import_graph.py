@@ -31,7 +31,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("droptune.models",),
     ("droptune.population", "droptune.training"),
     ("droptune.storage",),
-    ("droptune.tracking._client", "droptune.tracking._writer", "droptune.tracking._server"),
+    (
+        "droptune.tracking._client",
+        "droptune.tracking._writer",
+        "droptune.tracking._server",
+        "droptune.tracking._live",
+    ),
     (
         "droptune.study.spec",
         "droptune.study.space",

@@ -359,9 +359,9 @@ def _probe(
     except PopulationUnsupported:
         raise
     except Exception as exc:  # whatever vmap refuses: one trial at a time
-        raise _refuse(
-            name, f"a trial run of its batched forward/backward failed ({_short(exc)})"
-        ) from exc
+        what = "a trial run of its forward/backward under torch.func.vmap failed"
+        reason = f"{what} ({_short(exc)})"
+        raise _refuse(name, reason) from exc
     finally:
         with torch.no_grad():
             for key, value in network.state_dict(keep_vars=True).items():

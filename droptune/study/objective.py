@@ -393,7 +393,7 @@ class Objective:
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if self.tracking is None or writer is None or not run_id or not self.spec.tracking.live:
             return
-        from droptune.tracking import LiveMetrics
+        from droptune.tracking._live import LiveMetrics
 
         live = LiveMetrics(self.tracking, writer)
         number = trial.number
