@@ -280,8 +280,8 @@ def _live_metrics(objective: Objective) -> Any:
     writer = objective.tracking_writer()
     if objective.tracking is None or writer is None or not objective.spec.tracking.live:
         return None
-    from droptune.tracking import LiveMetrics
     from droptune.tracking._live import POPULATION_EVERY_S
+    from droptune.tracking._live import LiveMetrics
 
     return LiveMetrics(objective.tracking, writer, every_s=POPULATION_EVERY_S)
 
