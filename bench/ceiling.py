@@ -45,7 +45,7 @@ from evidence import test_accuracies  # noqa: E402
 GRIDS: dict[str, dict[str, list[Any]]] = {
     "studies/mnist1d-cnn.yaml": {
         "regularization.dropout.kind": ["spatial", "dropblock"],
-        "regularization.dropout.conv_rate": [0.05, 0.1, 0.2, 0.3],
+        "regularization.dropout.conv_rate": [0.05, 0.1, 0.2],
         "regularization.dropout.hidden_rate": [0.15, 0.3, 0.45],
         "regularization.l2.strength": [1e-5, 1e-4, 1e-3],
     },
