@@ -72,16 +72,22 @@ class _Peek(pl.Callback):
             time.sleep(0.1)
 
 
-def test_a_trials_run_shows_its_epochs_while_it_trains(tmp_path: Path) -> None:
-    study, tracking, spec, uri = _setup(tmp_path)
+def _one_trial(tmp_path: Path, live: bool) -> tuple[optuna.Study, _Peek, str]:
+    """One Lightning trial with tracking, looked at before its last epoch."""
+    study, tracking, spec, uri = _setup(tmp_path, live=live)
     tracking.study_started(study)
-    peek = _Peek(uri)
+    peek = _Peek(uri, wait_s=20.0 if live else 2.0)
     objective = Objective(spec, worker="test", extra_callbacks=[peek], tracking=tracking)
     objective.on_trial_start.append(lambda trial: setattr(peek, "trial", trial))
     try:
         study.optimize(objective, n_trials=1)
     finally:
         objective.close()
+    return study, peek, uri
+
+
+def test_a_trials_run_shows_its_epochs_while_it_trains(tmp_path: Path) -> None:
+    study, peek, uri = _one_trial(tmp_path, live=True)
     # while the last epoch trained, the run already held every epoch before it
     assert peek.seen == list(range(EPOCHS - 1))
     trial = study.trials[0]
@@ -95,15 +101,7 @@ def test_a_trials_run_shows_its_epochs_while_it_trains(tmp_path: Path) -> None:
 
 
 def test_with_live_metrics_off_the_run_gets_them_when_the_trial_ends(tmp_path: Path) -> None:
-    study, tracking, spec, uri = _setup(tmp_path, live=False)
-    tracking.study_started(study)
-    peek = _Peek(uri, wait_s=2.0)
-    objective = Objective(spec, worker="test", extra_callbacks=[peek], tracking=tracking)
-    objective.on_trial_start.append(lambda trial: setattr(peek, "trial", trial))
-    try:
-        study.optimize(objective, n_trials=1)
-    finally:
-        objective.close()
+    study, peek, uri = _one_trial(tmp_path, live=False)
     assert peek.seen == []
     run_id = study.trials[0].user_attrs[RUN_ID_ATTR]
     assert _points(mlflow.MlflowClient(uri), run_id, "val_loss") == list(range(EPOCHS))
