@@ -32,6 +32,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "slurm" / "droptune-array.sbatch"
 #: Epochs of the trials that a test cuts: about 10 s each here, well beyond KillWait (2 s).
 EPOCHS = 200
+#: A trial of the killed-task test: ~12 s on one idle core, so that it cannot end within the
+#: 2 s between Slurm's SIGTERM and SIGKILL (200 epochs took ~2.5 s and sometimes did: CI saw
+#: the victim COMPLETE).
+KILLED_EPOCHS = 1000
 #: Job states after which a task runs no more.
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
 
@@ -162,7 +166,7 @@ def test_a_killed_task_costs_only_its_running_trial(
     case of a preempted or cancelled task whose trial outlasts the grace). The trial stays
     RUNNING until its heartbeat is stale; task 0 reaps it (FAIL) and runs its slot again.
     The study still ends with exactly n_trials COMPLETE: that one trial is all it cost."""
-    spec = write_spec(tmp_path, "killed", n_trials=4, epochs=EPOCHS)
+    spec = write_spec(tmp_path, "killed", n_trials=4, epochs=KILLED_EPOCHS)
     job = submit(slurm, tmp_path, spec, pg_url, "--array=0-1")
     prefix = owner_prefix(slurm, job, 1)
     victim = wait_for(
