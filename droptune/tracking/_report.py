@@ -367,10 +367,9 @@ def upload_study_artifacts(study: optuna.Study, client: Any, parent_run_id: str)
         return [p.name for p in paths]
 
 
-def study_metrics(study: optuna.Study) -> tuple[dict[str, float], Any]:
+def study_metrics(study: optuna.Study, trials: list[Any]) -> tuple[dict[str, float], Any]:
     """The study run's metrics — trial counts by state and ``best_<metric>`` (one objective) —
-    with the best trial (None without one)."""
-    trials = study.get_trials(deepcopy=False)
+    with the best trial (None without one); ``trials`` are the study's."""
     metrics = {
         f"trials_{state.lower()}": float(sum(t.state.name == state for t in trials))
         for state in ("COMPLETE", "PRUNED", "FAIL")

@@ -483,7 +483,8 @@ class StudyTracking:
         from droptune.tracking._report import study_metrics
 
         now = int(time.time() * 1000)
-        metrics, best = study_metrics(study)
+        trials = study.get_trials(deepcopy=False)
+        metrics, best = study_metrics(study, trials)
         tags: dict[str, str] = {}
         if best is not None:
             # the study's run links its best trial's run (the confirmed best is tagged by
@@ -496,10 +497,7 @@ class StudyTracking:
 
         self.tracker.client.log_batch(
             parent,
-            metrics=[
-                Metric(k, v, now, len(study.get_trials(deepcopy=False)))
-                for k, v in metrics.items()
-            ],
+            metrics=[Metric(k, v, now, len(trials)) for k, v in metrics.items()],
             tags=[RunTag(k, v) for k, v in tags.items()],
             synchronous=True,
         )
